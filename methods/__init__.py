@@ -1,0 +1,1 @@
+"""Concept methods, one folder each (methods/<name> in the source tree)."""

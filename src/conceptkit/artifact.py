@@ -1,0 +1,136 @@
+"""The concept format, one for every method.
+
+<name>.concept/ (any folder name)
+  concept.json        format version, name, method + method version, hparams, method_info,
+                      backbone (family, id, revision, constructor config), tokens, training summary
+  weights.safetensors the method's state_dict (method tensors only, keys relative to the method)
+  config.yaml         the resolved training config
+  samples/            images or clips rendered at the end of training
+
+No pickle anywhere. Loading is strict and every mismatch is one UserError sentence. Writing goes to a
+temporary sibling folder that is renamed into place, so a crash never leaves half an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import conceptkit
+from conceptkit.errors import UserError
+from conceptkit.registry import backbone_class, method_class
+
+FORMAT_VERSION = 1
+
+
+def write_concept(folder: Path, method, backbone, config_yaml: str, training: dict[str, Any],
+                  samples: torch.Tensor | None = None, sample_prompts: list[str] | None = None,
+                  fps: int = 16, overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    from conceptkit.media import save_media
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise UserError(f"output {folder} already exists; choose another output or pass overwrite=true")
+    staging = folder.with_name(folder.name + ".writing")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": method.concept_name,
+        "method": method.name,
+        "method_version": method.version,
+        "hparams": method.hparams(),
+        "method_info": method.export_info(),
+        "backbone": {**backbone.identity(), "config": backbone.config()},
+        "tokens": method.token_names(),
+        "training": training,
+        "conceptkit_version": conceptkit.__version__,
+    }
+    (staging / "concept.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    save_file(tensors, str(staging / "weights.safetensors"), metadata={"format": "conceptkit", "method": method.name})
+    (staging / "config.yaml").write_text(config_yaml)
+    if samples is not None:
+        save_media(samples, staging / "samples", "sample", fps=fps)
+        (staging / "samples" / "prompts.json").write_text(json.dumps(sample_prompts or [], indent=2) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+    return folder
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / "concept.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a concept folder (no concept.json); pass a folder written by conceptkit train")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); the concept folder is damaged") from None
+    for key in ("format_version", "name", "method", "hparams", "backbone"):
+        if key not in meta:
+            raise UserError(f"{path} has no {key!r}; the concept folder is damaged")
+    if int(meta["format_version"]) > FORMAT_VERSION:
+        raise UserError(f"{folder} uses concept format {meta['format_version']}, newer than this conceptkit reads "
+                        f"({FORMAT_VERSION}); upgrade conceptkit")
+    method_class(meta["method"])  # unknown method -> one clear line
+    if not (folder / "weights.safetensors").is_file():
+        raise UserError(f"{folder} has no weights.safetensors; the concept folder is damaged")
+    return meta
+
+
+def backbone_from_meta(meta: dict[str, Any]):
+    info = meta["backbone"]
+    return backbone_class(info["family"])(**info["config"])
+
+
+def build_method(meta: dict[str, Any]):
+    cls = method_class(meta["method"])
+    method = cls(concept_name=meta["name"], **meta["hparams"])
+    method.import_info(meta.get("method_info", {}))
+    return method
+
+
+def load_concept(folder: Path, backbone):
+    """Read a concept folder and attach it to a loaded backbone. Returns (method, meta)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    family = meta["backbone"]["family"]
+    if family != backbone.family:
+        raise UserError(f"concept {folder} was trained on backbone family {family}, but the backbone here is "
+                        f"{backbone.family}; use backbone={family}")
+    try:
+        tensors = load_file(str(folder / "weights.safetensors"))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{folder}/weights.safetensors cannot be read ({error}); the concept folder is damaged") from None
+    method = build_method(meta)
+    method.attach(backbone)
+    expected = method.state_dict()
+    problem = None
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        problem = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
+    else:
+        for key, value in expected.items():
+            if tuple(tensors[key].shape) != tuple(value.shape):
+                problem = f"{key} has shape {tuple(tensors[key].shape)}, this backbone needs {tuple(value.shape)}"
+                break
+    if problem:
+        method.detach(backbone)
+        raise UserError(f"concept {folder} does not fit this backbone ({backbone.identity()['id']}): {problem}; "
+                        f"it was trained on {meta['backbone']['id']}")
+    method.load_state_dict(tensors, strict=True)
+    method.to(backbone.device)
+    return method, meta

@@ -1,0 +1,216 @@
+"""conceptkit's attention processors: the one place methods plug into attention.
+
+A backbone installs one processor per attention module, once, through diffusers'
+`set_attn_processor`. Methods never replace processors; they add *hooks* by owner on the shared
+`AttentionHooks` registry, so any number of concepts stack and removing one owner undoes exactly
+its hooks. With no hooks, the processors compute what the stock diffusers processors compute, op for
+op (tests/test_attention.py pins this bit for bit).
+
+A hook is any object with some of these methods (all optional):
+  - ``context(site, encoder_hidden_states) -> encoder_hidden_states``: edit the cross-attention context
+  - ``key_value(site, key, value) -> (key, value)``: edit projected keys/values, shape (B, S, H*D)
+  - ``probabilities(site, probs)``: observe softmax(QK^T) of shape (B, heads, Q, K); requesting it
+    switches only that call to the explicit softmax path (SDPA exposes no probabilities)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where an attention module sits: what methods select hooks by."""
+
+    name: str  # module path inside the denoiser, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    kind: str  # "self" or "cross"
+    block_index: int  # index of the transformer block / UNet attention site in forward order
+    query_dim: int
+    context_dim: int
+    heads: int
+    token_axis: str  # "spatial" (SD: h*w tokens) or "spatiotemporal" (Wan: f*h*w tokens)
+
+
+class AttentionHooks:
+    """Hooks keyed by owner; each hook applies to the sites its selector accepts."""
+
+    def __init__(self) -> None:
+        self._hooks: list[tuple[str, Any, Any]] = []  # (owner, selector(site) -> bool, hook)
+
+    def add(self, owner: str, hook: Any, selector=None) -> None:
+        self._hooks.append((owner, selector or (lambda site: True), hook))
+
+    def remove(self, owner: str) -> None:
+        self._hooks = [h for h in self._hooks if h[0] != owner]
+
+    def owners(self) -> list[str]:
+        return sorted({h[0] for h in self._hooks})
+
+    def for_site(self, site: AttentionSite) -> list[Any]:
+        return [hook for _, selector, hook in self._hooks if selector(site)]
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask, site, hooks) -> torch.Tensor:
+    """The shared attention math. q/k/v are (B, heads, S, D). Uses SDPA unless a hook needs the
+    probabilities, in which case only this call takes the explicit softmax path."""
+    observers = [h for h in hooks if hasattr(h, "probabilities")]
+    if not observers:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+    scores = (query @ key.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = scores.softmax(dim=-1)
+    for hook in observers:
+        hook.probabilities(site, probs)
+    return probs.to(value.dtype) @ value
+
+
+def _edit_context(site, hooks, encoder_hidden_states):
+    for hook in hooks:
+        if hasattr(hook, "context"):
+            encoder_hidden_states = hook.context(site, encoder_hidden_states)
+    return encoder_hidden_states
+
+
+def _edit_key_value(site, hooks, key, value):
+    for hook in hooks:
+        if hasattr(hook, "key_value"):
+            key, value = hook.key_value(site, key, value)
+    return key, value
+
+
+class UNetAttnProcessor:
+    """For diffusers `Attention` (UNet2DConditionModel). Mirrors AttnProcessor2_0 step for step."""
+
+    def __init__(self, site: AttentionSite, hooks: AttentionHooks):
+        self.site = site
+        self.hooks = hooks
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        site_hooks = self.hooks.for_site(self.site)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        if encoder_hidden_states is not None and site_hooks:
+            encoder_hidden_states = _edit_context(self.site, site_hooks, encoder_hidden_states)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if site_hooks:
+            key, value = _edit_key_value(self.site, site_hooks, key, value)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = attend(query, key, value, attention_mask, self.site, site_hooks)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _wan_rotary(hidden_states, freqs_cos, freqs_sin):
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class WanAttnProcessor:
+    """For diffusers `WanAttention` (WanTransformer3DModel). Mirrors diffusers' WanAttnProcessor with
+    the native SDPA backend. Image-conditioned (I2V) attention takes an explicit `image_context_length`
+    instead of diffusers' `len - 512` guess, which is wrong for longer contexts (REFERENCE.md)."""
+
+    def __init__(self, site: AttentionSite, hooks: AttentionHooks, image_context_length: int | None = None):
+        self.site = site
+        self.hooks = hooks
+        self.image_context_length = image_context_length
+
+    @staticmethod
+    def _heads_first(x, heads):
+        return x.unflatten(2, (heads, -1)).permute(0, 2, 1, 3)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        site_hooks = self.hooks.for_site(self.site)
+        encoder_hidden_states_img = None
+        if attn.add_k_proj is not None:
+            split = self.image_context_length
+            if split is None:
+                split = encoder_hidden_states.shape[1] - 512
+            encoder_hidden_states_img = encoder_hidden_states[:, :split]
+            encoder_hidden_states = encoder_hidden_states[:, split:]
+        if encoder_hidden_states is not None and site_hooks:
+            encoder_hidden_states = _edit_context(self.site, site_hooks, encoder_hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.fused_projections:
+            if not attn.is_cross_attention:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(context).chunk(2, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            key = attn.to_k(context)
+            value = attn.to_v(context)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if site_hooks:
+            key, value = _edit_key_value(self.site, site_hooks, key, value)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _wan_rotary(query, *rotary_emb)
+            key = _wan_rotary(key, *rotary_emb)
+        query, key, value = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+        hidden_states_img = None
+        if encoder_hidden_states_img is not None:
+            if attn.fused_projections:
+                key_img, value_img = attn.to_added_kv(encoder_hidden_states_img).chunk(2, dim=-1)
+            else:
+                key_img = attn.add_k_proj(encoder_hidden_states_img)
+                value_img = attn.add_v_proj(encoder_hidden_states_img)
+            key_img = self._heads_first(attn.norm_added_k(key_img), attn.heads)
+            value_img = self._heads_first(value_img, attn.heads)
+            hidden_states_img = attend(query, key_img, value_img, None, self.site, ())
+            hidden_states_img = hidden_states_img.permute(0, 2, 1, 3).flatten(2, 3).type_as(query)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        hidden_states = attend(query, key, value, attention_mask, self.site, site_hooks)
+        hidden_states = hidden_states.permute(0, 2, 1, 3).flatten(2, 3).type_as(query)
+        if hidden_states_img is not None:
+            hidden_states = hidden_states + hidden_states_img
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)

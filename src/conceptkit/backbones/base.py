@@ -1,0 +1,244 @@
+"""What every backbone offers methods, independent of the family.
+
+A backbone holds frozen diffusers/transformers modules and exposes: prompt encoding through the
+token table, media -> latent encoding, the training objective (noisy input and target), one denoiser
+call, sampling with classifier-free guidance, attention sites and hooks, and PEFT LoRA adapters by
+owner. Methods only talk to this surface; they never name a backbone class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from conceptkit.attention import AttentionHooks, AttentionSite
+from conceptkit.errors import UserError
+from conceptkit.tokens import TokenizedPrompts, TokenTable
+
+
+@dataclass
+class LatentDistribution:
+    """Cached VAE posterior of the training media: latents are drawn from it every step, so the VAE
+    encoder runs once but training still sees posterior samples, as the official code does."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        mean, std = self.mean[index], self.std[index]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return mean + std * noise
+
+    def to(self, device) -> "LatentDistribution":
+        return LatentDistribution(self.mean.to(device), self.std.to(device))
+
+
+@dataclass
+class NoisyBatch:
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+class Backbone:
+    """Base for the backbone families. Construction is cheap (config only); `load()` builds modules."""
+
+    family: ClassVar[str]
+    default_resolution: int
+    default_frames: int = 1
+    is_video: ClassVar[bool] = False
+
+    def __init__(self, *, weights: str, pretrained: str, path: str | None, revision: str | None, dtype: str,
+                 resolution: int | None, max_text_tokens: int, seed: int):
+        if weights not in ("pretrained", "tiny", "random"):
+            raise UserError(f"backbone.weights must be 'pretrained', 'tiny' or 'random', got {weights!r}")
+        self.weights = weights
+        self.pretrained = pretrained
+        self.path = path
+        self.revision = revision
+        self.dtype_name = dtype
+        self.resolution = resolution or self.default_resolution
+        self.max_text_tokens = max_text_tokens
+        self.seed = seed
+        self.loaded = False
+        self.hooks = AttentionHooks()
+        self._lora_owners: list[str] = []
+
+    # identity ---------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        if self.weights == "tiny":
+            source = f"tiny:{self.family}:seed{self.seed}"
+        elif self.weights == "random":
+            source = f"random:{self.family}:seed{self.seed}"
+        else:
+            source = self.path or self.pretrained
+        return {"family": self.family, "id": source, "revision": self.revision}
+
+    def config(self) -> dict:
+        """Constructor arguments: artifacts store them so `compose` can rebuild the same backbone."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype_name]
+
+    # loading ----------------------------------------------------------------------------------
+    def load(self) -> "Backbone":
+        if self.loaded:
+            return self
+        self._build_modules()
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+            if self.dtype != torch.float32 and self.weights != "pretrained":
+                module.to(dtype=self.dtype)  # pretrained weights are loaded in `dtype` directly
+        self.tokens = TokenTable(self.tokenizer, self.input_embedding(),
+                                 self.max_text_tokens, has_bos=self._tokenizer_has_bos())
+        self._sites = self._install_attention_processors()
+        self.loaded = True
+        return self
+
+    def _source(self) -> str:
+        return self.path or self.pretrained
+
+    def _missing_weights(self, error: Exception) -> UserError:
+        source = self._source()
+        return UserError(
+            f"backbone weights for {self.family} from {source!r} are not present and cannot be downloaded "
+            f"({type(error).__name__}); download a diffusers-format copy where you have network and pass "
+            f"backbone.path=/path/to/that/folder"
+        )
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.text_encoder, self.denoiser, self.vae]
+
+    def to(self, device) -> "Backbone":
+        for module in self.frozen_modules():
+            module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    # attention --------------------------------------------------------------------------------
+    def attention_sites(self) -> list[AttentionSite]:
+        return list(self._sites)
+
+    # text -------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> TokenizedPrompts:
+        return self.tokens.tokenize(texts)
+
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, TokenizedPrompts]:
+        tokenized = self.tokenize(texts)
+        return self.encode_tokens(tokenized), tokenized
+
+    def input_embedding(self) -> nn.Embedding:
+        """The embedding module the text encoder's forward actually calls (where token hooks go)."""
+        return self.text_encoder.get_input_embeddings()
+
+    def text_embedding_matrix(self) -> torch.Tensor:
+        return self.input_embedding().weight
+
+    # LoRA (PEFT) ------------------------------------------------------------------------------
+    def add_lora(self, owner: str, rank: int, alpha: float, target_modules: list[str], init: str | bool,
+                 dropout: float = 0.0) -> dict[str, nn.Module]:
+        """Inject a PEFT LoRA adapter named `owner` into the denoiser. Returns its trainable modules
+        (lora_A / lora_B per target), keyed by module path, so the owning method can hold them."""
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=init,
+                            lora_dropout=dropout)
+        self.denoiser.add_adapter(config, adapter_name=owner)
+        self._lora_owners.append(owner)
+        self._activate_loras()
+        found: dict[str, nn.Module] = {}
+        for name, module in self.denoiser.named_modules():
+            if isinstance(module, BaseTunerLayer) and owner in module.lora_A:
+                pair = nn.ModuleDict({"lora_A": module.lora_A[owner], "lora_B": module.lora_B[owner]})
+                found[name] = pair.to(device=self.device)
+        return found
+
+    def remove_lora(self, owner: str) -> None:
+        if owner not in self._lora_owners:
+            return
+        self.denoiser.delete_adapters(owner)
+        self._lora_owners.remove(owner)
+        if self._lora_owners:
+            self._activate_loras()
+        else:
+            # Last adapter gone: put the original Linear modules back so the denoiser is stock again.
+            self.denoiser.unload_lora()
+
+    def _activate_loras(self) -> None:
+        self.denoiser.set_adapters(list(self._lora_owners))
+
+    def lora_owners(self) -> list[str]:
+        return list(self._lora_owners)
+
+    # training objective ----------------------------------------------------------------------
+    def make_noisy(self, latents: torch.Tensor, generator: torch.Generator | None,
+                   timesteps: torch.Tensor | None = None) -> NoisyBatch:
+        raise NotImplementedError
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[str], negative_prompt: str = "", steps: int = 25, guidance: float = 7.5,
+                 seed: int = 0, scheduler: str | None = None, height: int | None = None, width: int | None = None,
+                 frames: int | None = None) -> torch.Tensor:
+        """Returns media in [0, 1], shape (N, 3, F, H, W). Classifier-free guidance runs the
+        unconditional and conditional rows as one batched denoiser call per step."""
+        height = height or self.resolution
+        width = width or self.resolution
+        frames = frames or self.default_frames
+        device = self.device
+        context, _ = self.encode_text(list(prompts))
+        negative, _ = self.encode_text([negative_prompt] * len(prompts))
+        context = torch.cat([negative, context]).to(device)
+        sampler = self.sampling_scheduler(scheduler)
+        sampler.set_timesteps(steps, device=device)
+        generator = torch.Generator().manual_seed(seed)
+        latents = self.initial_latents(len(prompts), height, width, frames, generator).to(device)
+        latents = latents * getattr(sampler, "init_noise_sigma", 1.0)
+        for t in sampler.timesteps:
+            model_input = torch.cat([latents, latents])
+            if hasattr(sampler, "scale_model_input"):
+                model_input = sampler.scale_model_input(model_input, t)
+            timestep = t.expand(model_input.shape[0]).to(device)
+            prediction = self.denoise(model_input.to(self.dtype), timestep, context).float()
+            uncond, cond = prediction.chunk(2)
+            guided = uncond + guidance * (cond - uncond)
+            latents = sampler.step(guided, t, latents).prev_sample
+        return self.decode(latents)
+
+    def sampling_scheduler(self, name: str | None):
+        raise NotImplementedError
+
+    def initial_latents(self, n, height, width, frames, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_media(self, pixels: torch.Tensor, batch_size: int = 8) -> LatentDistribution:
+        raise NotImplementedError
+
+    def encode_tokens(self, tokenized: TokenizedPrompts) -> torch.Tensor:
+        raise NotImplementedError
+
+    # hooks for subclasses -------------------------------------------------------------------
+    def _build_modules(self) -> None:
+        raise NotImplementedError
+
+    def _install_attention_processors(self) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def _tokenizer_has_bos(self) -> bool:
+        raise NotImplementedError

@@ -1,0 +1,154 @@
+"""Stable Diffusion 1.5: UNet2DConditionModel + AutoencoderKL + CLIP text encoder, epsilon objective."""
+
+from __future__ import annotations
+
+import torch
+
+from conceptkit.attention import AttentionSite, UNetAttnProcessor
+from conceptkit.backbones.base import Backbone, LatentDistribution, NoisyBatch
+from conceptkit.errors import UserError
+from conceptkit.tokens import TokenizedPrompts
+
+# Full-size SD1.5 architecture, for `weights=random` (speed/memory benchmarks without downloads).
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu",
+)
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, steps_offset=1,
+)
+
+
+class SD15Backbone(Backbone):
+    family = "sd15"
+    default_resolution = 512
+
+    def __init__(self, *, weights: str = "pretrained", pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                 path: str | None = None, revision: str | None = None, dtype: str = "float32",
+                 resolution: int | None = None, max_text_tokens: int = 77, seed: int = 0,
+                 default_scheduler: str = "dpm++"):
+        super().__init__(weights=weights, pretrained=pretrained, path=path, revision=revision, dtype=dtype,
+                         resolution=resolution, max_text_tokens=max_text_tokens, seed=seed)
+        if weights == "tiny" and resolution is None:
+            self.resolution = 32
+        self.default_scheduler = default_scheduler
+
+    def config(self) -> dict:
+        return dict(weights=self.weights, pretrained=self.pretrained, path=self.path, revision=self.revision,
+                    dtype=self.dtype_name, resolution=self.resolution, max_text_tokens=self.max_text_tokens,
+                    seed=self.seed, default_scheduler=self.default_scheduler)
+
+    def _build_modules(self) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        from conceptkit.backbones.tiny import build_tiny_clip_tokenizer, tiny_sd15_modules
+
+        if self.weights == "tiny":
+            self.tokenizer, self.text_encoder, self.denoiser, self.vae = tiny_sd15_modules(self.seed)
+            self.train_scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+        elif self.weights == "random":
+            torch.manual_seed(self.seed)
+            self.tokenizer = build_tiny_clip_tokenizer()
+            self.text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+            self.denoiser = UNet2DConditionModel(**SD15_UNET_CONFIG)
+            self.vae = AutoencoderKL(**SD15_VAE_CONFIG)
+            self.train_scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+        else:
+            source, kw = self._source(), {"revision": self.revision}
+            model_kw = {**kw, "torch_dtype": self.dtype}
+            try:
+                self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+                self.text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **model_kw)
+                self.denoiser = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **model_kw)
+                self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **model_kw)
+                self.train_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+            except (OSError, ValueError) as error:
+                raise self._missing_weights(error) from None
+        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _tokenizer_has_bos(self) -> bool:
+        return True
+
+    def _install_attention_processors(self) -> list[AttentionSite]:
+        sites, processors = [], {}
+        names = list(self.denoiser.attn_processors)  # forward order of the UNet
+        for index, name in enumerate(names):
+            module = self.denoiser.get_submodule(name.rsplit(".processor", 1)[0])
+            kind = "cross" if module.is_cross_attention else "self"
+            site = AttentionSite(name=name.rsplit(".processor", 1)[0], kind=kind, block_index=index,
+                                 query_dim=module.query_dim, context_dim=module.cross_attention_dim,
+                                 heads=module.heads, token_axis="spatial")
+            sites.append(site)
+            processors[name] = UNetAttnProcessor(site, self.hooks)
+        self.denoiser.set_attn_processor(processors)
+        return sites
+
+    def encode_tokens(self, tokenized: TokenizedPrompts) -> torch.Tensor:
+        ids = tokenized.input_ids.to(self.text_encoder.device)
+        # SD1.5 conditions on the last hidden state of the full padded sequence, no attention mask.
+        return self.text_encoder(ids).last_hidden_state
+
+    def encode_media(self, pixels: torch.Tensor, batch_size: int = 8) -> LatentDistribution:
+        if pixels.shape[2] != 1:
+            raise UserError("sd15 trains on images; video clips need backbone=wan21 (or pass frames as images)")
+        means, stds = [], []
+        with torch.no_grad():
+            for chunk in pixels[:, :, 0].split(batch_size):
+                dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+                means.append(dist.mean.float() * self.scaling_factor)
+                stds.append(dist.std.float() * self.scaling_factor)
+        return LatentDistribution(torch.cat(means), torch.cat(stds))
+
+    def make_noisy(self, latents, generator, timesteps=None) -> NoisyBatch:
+        n = latents.shape[0]
+        if timesteps is None:
+            timesteps = torch.randint(0, self.train_scheduler.config.num_train_timesteps, (n,), generator=generator)
+        timesteps = timesteps.to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+        noisy = self.train_scheduler.add_noise(latents, noise, timesteps)
+        if self.train_scheduler.config.prediction_type == "v_prediction":
+            target = self.train_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return NoisyBatch(noisy=noisy, timesteps=timesteps, target=target)
+
+    def denoise(self, noisy, timesteps, context):
+        return self.denoiser(noisy, timesteps, encoder_hidden_states=context).sample
+
+    def sampling_scheduler(self, name: str | None):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        name = name or self.default_scheduler
+        config = self.train_scheduler.config
+        if name == "ddim":
+            return DDIMScheduler.from_config(config)
+        if name in ("dpm++", "dpmsolver++", "dpm"):
+            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        if name == "euler":
+            return EulerDiscreteScheduler.from_config(config)
+        raise UserError(f"scheduler {name!r} is not available for sd15: use ddim, dpm++ or euler")
+
+    def initial_latents(self, n, height, width, frames, generator):
+        channels = self.denoiser.config.in_channels
+        shape = (n, channels, height // self.latent_factor, width // self.latent_factor)
+        return torch.randn(shape, generator=generator)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+        return ((images.clamp(-1, 1) + 1) / 2).unsqueeze(2).cpu()

@@ -1,0 +1,106 @@
+"""The `conceptkit` command. Imports nothing heavy at import time: `conceptkit --help` stays fast."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: conceptkit <command> [key=value ...]
+
+commands:
+  train     train a concept:    conceptkit train method=conceptprism backbone=sd15 data.images=<folder> output=<dir>
+  compose   render concepts:    conceptkit compose concepts=[<dir>,<dir>] prompt="a photo of {a} and {b}" output=<dir>
+  bench     step time / memory: conceptkit bench methods=[lora,conceptprism] backbones=[sd15_tiny]
+  ls        list methods and backbones, and the concepts in a folder: conceptkit ls [folder]
+
+Arguments are Hydra overrides of the configs in conf/ (train.yaml, compose.yaml, bench.yaml).
+Add debug=true for full tracebacks.
+"""
+
+
+def _run(command: str, overrides: list[str]) -> int:
+    from conceptkit.config import compose
+
+    if command == "train":
+        cfg = compose("train", overrides)
+        from conceptkit.training.run import train
+
+        output = train(cfg)
+        print(f"concept written to {output}")
+        print(f"render it: conceptkit compose concepts=[{output}] prompt=\"a photo of {{{cfg.name}}}\"")
+    elif command == "compose":
+        cfg = compose("compose", overrides)
+        from conceptkit.compose import compose as run_compose
+
+        output = run_compose(cfg)
+        print(f"renders written to {output}")
+    elif command == "bench":
+        cfg = compose("bench", overrides)
+        from conceptkit.bench.speed import run_bench
+
+        output = run_bench(cfg)
+        print(f"results written to {output}")
+    return 0
+
+
+def _ls(args: list[str]) -> int:
+    from pathlib import Path
+
+    from conceptkit.config import group_options
+    from conceptkit.registry import METHODS
+
+    print("methods:   " + ", ".join(METHODS))
+    print("backbones: " + ", ".join(group_options("backbone")))
+    if args:
+        import json
+
+        root = Path(args[0])
+        if not root.is_dir():
+            print(f"error: {root} is not a folder", file=sys.stderr)
+            return 2
+        print(f"concepts in {root}:")
+        for meta_path in sorted(root.glob("*/concept.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                print(f"  {meta_path.parent.name}: {{{meta['name']}}} method={meta['method']} "
+                      f"backbone={meta['backbone']['family']} ({meta['backbone']['id']})")
+            except (json.JSONDecodeError, KeyError):
+                print(f"  {meta_path.parent.name}: damaged concept.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "ls":
+        return _ls(rest)
+    if command not in ("train", "compose", "bench"):
+        print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(USAGE)
+        return 0
+    debug = any(a.lower() in ("debug=true", "debug=1") for a in rest)
+    from conceptkit.errors import UserError
+
+    try:
+        return _run(command, rest)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a train run continues with the same command plus resume=true", file=sys.stderr)
+        return 130
+    except Exception as error:  # anything unexpected: one line unless debug=true
+        if debug:
+            raise
+        print(f"error: {type(error).__name__}: {error} (rerun with debug=true for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

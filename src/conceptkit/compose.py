@@ -1,0 +1,81 @@
+"""`conceptkit compose`: one backbone, N concepts from any methods, one prompt, rendered together."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from conceptkit.errors import UserError
+
+
+def check_shared_backbone(metas: list[dict], folders: list[Path]) -> None:
+    families = {m["backbone"]["family"] for m in metas}
+    if len(families) > 1:
+        listing = ", ".join(f"{f} ({m['backbone']['family']})" for f, m in zip(folders, metas))
+        raise UserError(f"these concepts cannot share a backbone: {listing}; compose concepts of one backbone family")
+    ids = {m["backbone"]["id"] for m in metas}
+    if len(ids) > 1:
+        raise UserError(f"these concepts were trained on different backbones ({', '.join(sorted(ids))}); "
+                        f"compose concepts trained on the same weights")
+    names = [m["name"] for m in metas]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise UserError(f"several concepts are named {', '.join(sorted(duplicates))}; retrain one with another name=")
+
+
+def default_prompt(names: list[str]) -> str:
+    return "a photo of " + " and ".join("{%s}" % n for n in names)
+
+
+def render_prompt(prompt: str, methods: list) -> str:
+    for method in methods:
+        prompt = method.prompt(prompt)
+    leftover = re.findall(r"\{[^{}]*\}", prompt)
+    if leftover:
+        known = ", ".join("{%s}" % m.concept_name for m in methods)
+        raise UserError(f"prompt names {', '.join(leftover)}, which no loaded concept provides (known: {known})")
+    return prompt
+
+
+def compose(cfg: DictConfig) -> Path:
+    from conceptkit.artifact import backbone_from_meta, load_concept, read_meta
+    from conceptkit.media import grid, save_media, save_png
+
+    if not cfg.concepts:
+        raise UserError("concepts is empty: pass concepts=[path/to/a.concept,...]")
+    folders = [Path(c) for c in cfg.concepts]
+    metas = [read_meta(f) for f in folders]
+    check_shared_backbone(metas, folders)
+    output = Path(cfg.output) if cfg.output else Path("outputs") / "compose"
+    if output.exists() and not cfg.overwrite:
+        raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+
+    meta = dict(metas[0])
+    if cfg.backbone_path:
+        meta["backbone"] = {**meta["backbone"], "config": {**meta["backbone"]["config"], "path": cfg.backbone_path}}
+    backbone = backbone_from_meta(meta).load()
+    methods = [load_concept(folder, backbone)[0] for folder in folders]
+    for method in methods:
+        method.eval()
+    text = cfg.prompt or default_prompt([m.concept_name for m in methods])
+    prompt = render_prompt(text, methods)
+    media = backbone.generate([prompt] * cfg.count, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
+                              guidance=cfg.guidance, seed=cfg.seed, scheduler=cfg.scheduler, height=cfg.height,
+                              width=cfg.width, frames=cfg.frames)
+    staging = output.with_name(output.name + ".writing")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_media(media, staging, "render", fps=getattr(backbone, "fps", 16))
+    save_png(grid(media), staging / "grid.png")
+    (staging / "compose.json").write_text(json.dumps({
+        "prompt": text, "expanded_prompt": prompt, "concepts": [str(f) for f in folders],
+        "methods": [m["method"] for m in metas], "backbone": backbone.identity(), "count": cfg.count,
+        "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
+    }, indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    return output

@@ -1,0 +1,175 @@
+"""Hydra configs: where they live, composing them, and checking them against what they configure.
+
+The configs ship inside the package as `conceptkit.conf`, so editable and wheel installs find them.
+Every key is checked: `_target_` nodes must bind to their class's keyword signature, and the plain
+sections (data, trainer, sample, top level) against the dataclasses below. Nothing here builds a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from conceptkit.errors import UserError
+
+
+@dataclass
+class DataSettings:
+    images: str | None = None
+    captions: str | None = None
+    frames: int | None = None
+
+
+@dataclass
+class TrainerSettings:
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    max_steps: int | None = None
+    accumulate: int | None = None
+    gradient_clip: float | None = None
+    checkpoint_every: int = 50
+    preview_every: int = 0
+    progress_bar: bool = True
+    keep_checkpoints: bool = False
+
+
+@dataclass
+class SampleSettings:
+    count: int = 1
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    scheduler: str | None = None
+    negative_prompt: str = ""
+
+
+@dataclass
+class TrainSettings:
+    backbone: Any = None
+    method: Any = None
+    data: Any = None
+    trainer: Any = None
+    sample: Any = None
+    name: str = "concept"
+    output: str | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    debug: bool = False
+
+
+@dataclass
+class ComposeSettings:
+    concepts: list = dataclasses.field(default_factory=list)
+    prompt: str | None = None
+    negative_prompt: str = ""
+    output: str | None = None
+    count: int = 4
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    scheduler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    backbone_path: str | None = None
+    overwrite: bool = False
+    debug: bool = False
+
+
+@dataclass
+class BenchSettings:
+    methods: list = dataclasses.field(default_factory=list)
+    backbones: list = dataclasses.field(default_factory=list)
+    steps: int = 10
+    warmup: int = 3
+    device: str = "auto"
+    precision: str = "32"
+    output: str = "outputs/bench"
+    debug: bool = False
+
+
+SECTIONS = {
+    "train": (TrainSettings, {"data": DataSettings, "trainer": TrainerSettings, "sample": SampleSettings}),
+    "compose": (ComposeSettings, {}),
+    "bench": (BenchSettings, {}),
+}
+
+
+def conf_dir() -> Path:
+    return Path(str(resources.files("conceptkit.conf")))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def compose(config_name: str, overrides: list[str]):
+    """Compose conf/<config_name>.yaml with command-line overrides; bad overrides -> one UserError line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except HydraException as error:
+        raise UserError(_explain_hydra_error(str(error))) from None
+    except OmegaConfBaseException as error:
+        raise UserError(f"bad override: {str(error).splitlines()[0]}") from None
+    validate(config_name, cfg)
+    return cfg
+
+
+def _explain_hydra_error(message: str) -> str:
+    first = message.strip().splitlines()[0]
+    for group in ("method", "backbone", "data", "trainer", "experiment"):
+        if f"'{group}/" in first or f"group {group}" in first:
+            return f"unknown {group} in {first!r}: choose one of {', '.join(group_options(group))}"
+    if "Could not override" in first or "Key '" in first:
+        return f"{first} (check the key name; `conceptkit <command> --cfg` is not needed, see conf/)"
+    return first
+
+
+def bind_target(node, section: str, extra: dict | None = None) -> None:
+    """Check a `_target_` node against its class's keyword signature without building anything."""
+    import importlib
+
+    target = node.get("_target_")
+    if not target:
+        raise UserError(f"{section}: no _target_")
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise UserError(f"{section}._target_ {target!r} does not exist") from None
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    try:
+        inspect.signature(cls).bind(**kwargs, **(extra or {}))
+    except TypeError as error:
+        raise UserError(f"{section}: {error} (keys: {', '.join(kwargs)})") from None
+
+
+def _check_keys(node, settings_cls, section: str) -> None:
+    known = {f.name for f in dataclasses.fields(settings_cls)}
+    for key in node.keys():
+        if key not in known:
+            where = f"{section}.{key}" if section else key
+            raise UserError(f"unknown config key {where!r}: known keys are {', '.join(sorted(known))}")
+
+
+def validate(config_name: str, cfg) -> None:
+    top, sections = SECTIONS[config_name]
+    _check_keys(cfg, top, "")
+    for key, settings_cls in sections.items():
+        _check_keys(cfg[key], settings_cls, key)
+    if config_name == "train":
+        bind_target(cfg.backbone, "backbone")
+        bind_target(cfg.method, "method", extra={"concept_name": cfg.name})

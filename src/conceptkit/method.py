@@ -1,0 +1,119 @@
+"""The one interface every concept method implements.
+
+A method is an nn.Module whose state_dict IS the concept: learned token vectors, LoRA matrices
+(PEFT-created, held by reference), adapters, binders. The backbone is never a submodule of the
+method; the method plugs into it in `attach` through the three sanctioned mechanisms (attention
+hooks, PEFT adapters, token rows) and `detach` undoes exactly that.
+
+Life cycle
+  training:  m = Method(**cfg); m.initialize(backbone, data); m.attach(backbone);
+             for stage in m.stages(): m.begin_stage(stage, backbone); ... m.training_loss(...)
+  loading:   m = Method(**hparams); m.import_info(info); m.attach(backbone); m.load_state_dict(tensors)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from conceptkit.backbones.base import LatentDistribution
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: which parameters train (the method decides by name) and its budget."""
+
+    name: str
+    steps: int  # optimiser steps
+    lr: float
+    batch_size: int = 1
+    accumulate: int = 1
+    grad_clip: float | None = 1.0
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class TrainingData:
+    """The training media after the frozen encoders ran once."""
+
+    latents: LatentDistribution  # cached VAE posterior, indexable by image
+    captions: list[str | None]  # one per item, None where none was given
+    names: list[str]  # file names, in the (sorted) order of `latents`
+    frames: int  # 1 for images
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class TrainBatch:
+    indices: torch.Tensor  # (B,) items of TrainingData for this micro-step
+    data: TrainingData
+    generator: torch.Generator  # all randomness of the micro-step: makes resumed runs reproduce exactly
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class ConceptMethod(nn.Module):
+    name: ClassVar[str]  # short name stored in artifacts, e.g. "conceptprism"
+    version: ClassVar[str] = "1"
+
+    def __init__(self, concept_name: str = "concept"):
+        super().__init__()
+        self.concept_name = concept_name
+
+    # hyperparameters and identity ------------------------------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        """Constructor arguments, enough to rebuild the method with `Method(**hparams)`."""
+        raise NotImplementedError
+
+    def export_info(self) -> dict[str, Any]:
+        """Data-derived facts needed to allocate parameters on load (e.g. the number of images)."""
+        return {}
+
+    def import_info(self, info: dict[str, Any]) -> None:
+        return None
+
+    def token_names(self) -> list[str]:
+        """Placeholder strings this concept adds to prompts (for concept.json and `ls`)."""
+        return []
+
+    # wiring ----------------------------------------------------------------------------------
+    def initialize(self, backbone, data: TrainingData) -> None:
+        """Create parameters with their training initial values (training only)."""
+        raise NotImplementedError
+
+    def attach(self, backbone) -> None:
+        raise NotImplementedError
+
+    def detach(self, backbone) -> None:
+        raise NotImplementedError
+
+    # training ----------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def begin_stage(self, stage: Stage, backbone) -> None:
+        """Set requires_grad for this stage and precompute what the stage keeps fixed."""
+        raise NotImplementedError
+
+    def param_groups(self, stage: Stage) -> list[dict]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}]
+
+    def training_loss(self, batch: TrainBatch, backbone, stage: Stage) -> dict[str, torch.Tensor]:
+        """Returns {"loss": scalar, ...other scalars to log}."""
+        raise NotImplementedError
+
+    # inference -------------------------------------------------------------------------------
+    def prompt(self, text: str) -> str:
+        """Replace this concept's `{name}` placeholder with what the method feeds the text encoder."""
+        raise NotImplementedError
+
+    def sample_prompts(self) -> list[str]:
+        """Prompts (with `{name}`) rendered into samples/ and training previews."""
+        return ["a photo of {%s}" % self.concept_name, "a photo of {%s} on the beach" % self.concept_name]

@@ -1,0 +1,150 @@
+"""`conceptkit train`: media -> frozen encodings once -> method stages under Lightning -> concept folder.
+
+Work in progress lives in `<output>.partial/` (checkpoints per stage, finished-stage snapshots,
+previews); `resume=true` continues from there. The concept folder appears only when training ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from conceptkit.errors import UserError
+
+
+def _snapshot(method, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}, str(path))
+
+
+def _restore(method, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    method.load_state_dict(load_file(str(path)), strict=True)
+
+
+def stage_with_overrides(stage, trainer_cfg):
+    """trainer.max_steps / accumulate / gradient_clip, when set, override every stage's own value."""
+    changes = {}
+    if trainer_cfg.get("max_steps") is not None:
+        changes["steps"] = int(trainer_cfg.max_steps)
+    if trainer_cfg.get("accumulate") is not None:
+        changes["accumulate"] = int(trainer_cfg.accumulate)
+    if trainer_cfg.get("gradient_clip") is not None:
+        changes["grad_clip"] = float(trainer_cfg.gradient_clip) or None
+    return replace(stage, **changes)
+
+
+def default_output(cfg: DictConfig) -> Path:
+    return Path(cfg.output) if cfg.get("output") else Path("outputs") / f"{cfg.name}.concept"
+
+
+def build_parts(cfg: DictConfig):
+    """Backbone (loaded) and method (not yet initialised) from the config."""
+    from hydra.utils import instantiate
+
+    backbone = instantiate(cfg.backbone).load()
+    method = instantiate(cfg.method, concept_name=cfg.name)
+    return backbone, method
+
+
+def prepare_data(cfg: DictConfig, backbone):
+    from conceptkit.data import load_media
+    from conceptkit.method import TrainingData
+
+    frames = int(cfg.data.frames or 1)
+    media = load_media(cfg.data.images, backbone.resolution, frames, backbone.is_video, cfg.data.captions)
+    latents = backbone.encode_media(media.pixels)
+    return TrainingData(latents=latents, captions=media.captions, names=media.names, frames=media.pixels.shape[2])
+
+
+def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from conceptkit.artifact import write_concept
+    from conceptkit.training.callbacks import PreviewCallback
+    from conceptkit.training.module import ConceptTrainingModule
+
+    # Lightning's banner lines (GPU/TPU availability, tips) are noise for a one-command tool.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    output = default_output(cfg)
+    if output.exists() and not cfg.overwrite:
+        raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists() and not cfg.resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    L.seed_everything(cfg.seed, verbose=False)
+    backbone, method = build_parts(cfg)
+    data = prepare_data(cfg, backbone)
+    method.initialize(backbone, data)
+    method.attach(backbone)
+
+    summary = {"images": data.names, "seed": cfg.seed, "stages": []}
+    started = time.time()
+    for index, stage in enumerate(method.stages()):
+        stage = stage_with_overrides(stage, cfg.trainer)
+        done = partial / f"stage{index}_{stage.name}.safetensors"
+        if cfg.resume and done.exists():
+            _restore(method, done)
+            summary["stages"].append(json.loads(done.with_suffix(".json").read_text()))
+            continue
+        method.begin_stage(stage, backbone)
+        module = ConceptTrainingModule(method, backbone, data, stage, index, cfg.seed)
+        checkpoint_dir = partial / "checkpoints" / stage.name
+        checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
+                                        save_last=True, save_top_k=0)
+        stage_callbacks = [checkpointing, *(callbacks or [])]
+        if cfg.trainer.preview_every:
+            stage_callbacks.append(PreviewCallback(method, backbone, partial / "previews", cfg.trainer.preview_every,
+                                                   stage.name, cfg.sample))
+        trainer = L.Trainer(
+            max_steps=stage.steps, accumulate_grad_batches=stage.accumulate, gradient_clip_val=stage.grad_clip,
+            precision=cfg.trainer.precision, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+            strategy=cfg.trainer.strategy, callbacks=stage_callbacks, logger=False,
+            enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar, max_epochs=-1,
+            default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1,
+        )
+        last = checkpoint_dir / "last.ckpt"
+        stage_start = time.time()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.exists() else None)
+        if trainer.interrupted or trainer.global_step < stage.steps:
+            raise UserError(f"training stopped in stage {stage.name} at step {trainer.global_step}/{stage.steps}; "
+                            f"rerun the same command with resume=true to continue from {partial}")
+        loss = trainer.callback_metrics.get("loss")
+        record = {"name": stage.name, "steps": stage.steps, "lr": stage.lr, "accumulate": stage.accumulate,
+                  "seconds": round(time.time() - stage_start, 2),
+                  "final_loss": None if loss is None else round(float(loss), 6)}
+        _snapshot(method, done)
+        done.with_suffix(".json").write_text(json.dumps(record))
+        summary["stages"].append(record)
+    summary["seconds"] = round(time.time() - started, 2)
+
+    prompts = [method.prompt(p) for p in method.sample_prompts()]
+    samples = None
+    if cfg.sample.count > 0:
+        samples = backbone.generate(prompts * cfg.sample.count, negative_prompt=cfg.sample.negative_prompt,
+                                    steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
+                                    scheduler=cfg.sample.scheduler)
+    method.cpu()
+    write_concept(output, method, backbone, OmegaConf.to_yaml(cfg, resolve=True), summary, samples,
+                  method.sample_prompts() * cfg.sample.count, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite)
+    if not cfg.trainer.keep_checkpoints:
+        shutil.rmtree(partial, ignore_errors=True)
+    return output
