@@ -8,6 +8,7 @@ owner. Methods only talk to this surface; they never name a backbone class.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -153,7 +154,10 @@ class Backbone:
 
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=init,
                             lora_dropout=dropout)
-        self.denoiser.add_adapter(config, adapter_name=owner)
+        with warnings.catch_warnings():
+            # Several adapters at once is the point (composition); PEFT warns about it regardless.
+            warnings.filterwarnings("ignore", ".*multiple adapters.*")
+            self.denoiser.add_adapter(config, adapter_name=owner)
         self._lora_owners.append(owner)
         self._activate_loras()
         found: dict[str, nn.Module] = {}

@@ -1,0 +1,147 @@
+"""The conformance table: every (method, tiny backbone) pair passes the same checks.
+
+attach -> detach restores bit-identical outputs; gradients reach only method parameters; a short
+Lightning run writes a concept; loading it in a fresh process gives identical outputs; two concepts
+compose on one backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import PAIRS, example_data, make_backbone, make_method, predict, train_config
+
+
+def _perturb(method, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.5)
+
+
+@pytest.mark.parametrize("method_name,backbone_name", PAIRS)
+def test_attach_detach_is_exact(method_name, backbone_name):
+    backbone = make_backbone(backbone_name)
+    method = make_method(method_name, backbone_name, "thing")
+    prompts = [method.prompt("a photo of {thing}"), "a photo of a red dog"]
+    before = predict(backbone, prompts)
+    lora_linear_types = {type(m) for m in backbone.denoiser.modules()}
+    method.initialize(backbone, example_data(backbone, backbone_name))
+    method.attach(backbone)
+    _perturb(method)  # make sure the attached concept really changes something
+    attached = predict(backbone, [method.prompt("a photo of {thing}"), "a photo of a red dog"])
+    assert not torch.equal(attached, before)
+    method.detach(backbone)
+    after = predict(backbone, prompts)
+    assert torch.equal(after, before)
+    assert {type(m) for m in backbone.denoiser.modules()} == lora_linear_types  # PEFT layers gone too
+    assert backbone.hooks.owners() == [] and backbone.tokens.placeholders() == []
+
+
+@pytest.mark.parametrize("method_name,backbone_name", PAIRS)
+def test_gradients_reach_only_method_parameters(method_name, backbone_name):
+    from conceptkit.method import TrainBatch
+
+    backbone = make_backbone(backbone_name)
+    method = make_method(method_name, backbone_name, "thing")
+    data = example_data(backbone, backbone_name)
+    method.initialize(backbone, data)
+    method.attach(backbone)
+    _perturb(method)  # LoRA B starts at zero, which would hide A's gradient
+    for stage in method.stages():
+        method.begin_stage(stage, backbone)
+        method.zero_grad(set_to_none=True)
+        # every image in one batch, so per-image parameters (ConceptPrism's residuals) all take part
+        batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
+        method.training_loss(batch, backbone, stage)["loss"].backward()
+        trainable = [p for p in method.parameters() if p.requires_grad]
+        assert trainable, stage
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), stage.name
+        assert all(p.grad is None for p in method.parameters() if not p.requires_grad), stage.name
+        method_ids = {id(p) for p in method.parameters()}
+        for module in backbone.frozen_modules():
+            for p in module.parameters():
+                if id(p) not in method_ids:
+                    assert p.grad is None and not p.requires_grad
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short Lightning run per pair (2 steps per stage), reused by the checks below."""
+    from conceptkit.training.run import train
+
+    root = tmp_path_factory.mktemp("concepts")
+    folders = {}
+    for method_name, backbone_name in PAIRS:
+        name = f"{method_name}_{backbone_name}"
+        cfg = train_config(method_name, backbone_name, "experiment=smoke", f"name={name}",
+                           f"output={root / name}.concept", "sample.count=0")
+        folders[(method_name, backbone_name)] = train(cfg)
+    return folders
+
+
+@pytest.mark.parametrize("method_name,backbone_name", PAIRS)
+def test_short_lightning_run_writes_a_concept(trained, method_name, backbone_name):
+    folder = trained[(method_name, backbone_name)]
+    meta = json.loads((folder / "concept.json").read_text())
+    assert meta["method"] == method_name and meta["backbone"]["family"] == backbone_name.split("_")[0]
+    assert all(stage["steps"] == 2 for stage in meta["training"]["stages"])
+    assert (folder / "weights.safetensors").is_file() and (folder / "config.yaml").is_file()
+    assert not folder.with_name(folder.name + ".partial").exists()
+    from safetensors.torch import load_file
+
+    assert not any("denoiser" in k or "unet" in k.split(".")[0] for k in load_file(str(folder / "weights.safetensors")))
+
+
+LOAD_AND_PREDICT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import predict
+    from conceptkit.artifact import backbone_from_meta, load_concept, read_meta
+    backbone = backbone_from_meta(read_meta({folder!r})).load()
+    method, meta = load_concept({folder!r}, backbone)
+    torch.save(predict(backbone, [method.prompt("a photo of {{%s}}" % meta["name"])]), {out!r})
+""")
+
+
+@pytest.mark.parametrize("method_name,backbone_name", PAIRS)
+def test_save_then_load_in_fresh_process_is_identical(trained, tmp_path, method_name, backbone_name):
+    from conceptkit.artifact import load_concept, read_meta
+
+    folder = trained[(method_name, backbone_name)]
+    backbone = make_backbone(backbone_name)
+    method, meta = load_concept(folder, backbone)
+    here = predict(backbone, [method.prompt("a photo of {%s}" % meta["name"])])
+    out = tmp_path / "fresh.pt"
+    import os
+
+    code = LOAD_AND_PREDICT.format(tests=os.path.dirname(__file__), folder=str(folder), out=str(out))
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert torch.equal(torch.load(out), here)
+    # and the loaded concept really is the trained one, not a fresh init
+    assert not torch.equal(here, predict(make_backbone(backbone_name), [method.prompt("a photo of {%s}" % meta["name"])]))
+    assert read_meta(folder)["tokens"] == method.token_names()
+
+
+@pytest.mark.parametrize("backbone_name", ["sd15_tiny", "wan21_tiny"])
+def test_concepts_of_all_methods_compose(trained, backbone_name):
+    from conceptkit.artifact import load_concept
+    from conceptkit.compose import render_prompt
+
+    backbone = make_backbone(backbone_name)
+    methods = [load_concept(trained[(m, backbone_name)], backbone)[0] for m in ("textual_inversion", "lora", "conceptprism")]
+    names = [m.concept_name for m in methods]
+    prompt = render_prompt("a photo of " + " and ".join("{%s}" % n for n in names), methods)
+    assert all(tok in prompt for m in methods for tok in [m.prompt("{%s}" % m.concept_name)])
+    together = predict(backbone, [prompt])
+    # each concept contributes: dropping one changes the result
+    methods[1].detach(backbone)
+    assert not torch.equal(predict(backbone, [prompt]), together)
+    media = backbone.generate([render_prompt("a photo of {%s}" % names[0], methods[:1])], steps=2)
+    assert media.shape[:3] == (1, 3, backbone.default_frames) and torch.isfinite(media).all()
