@@ -123,6 +123,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*GPU available but not used.*")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            # Batches derive from the global step (module.py), so a restarted dataloader is exact.
+            warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
             trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.exists() else None)
         if trainer.interrupted or trainer.global_step < stage.steps:
             raise UserError(f"training stopped in stage {stage.name} at step {trainer.global_step}/{stage.steps}; "

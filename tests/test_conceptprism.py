@@ -1,0 +1,153 @@
+"""ConceptPrism's maths on hand-checkable cases, and its training contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import example_data, make_backbone, make_method
+
+
+def test_exclusion_anchors_are_other_images_without_replacement():
+    from conceptkit.training.losses import sample_others
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        for count in (2, 3, 5):
+            for i in range(count):
+                others = sample_others(i, count, 3, generator)
+                assert i not in others
+                assert len(others) == min(3, count - 1) == len(set(others))
+    with pytest.raises(ValueError):
+        sample_others(0, 1, 3, generator)
+
+
+def test_exclusion_loss_value_and_stop_gradient_on_2x2():
+    from conceptkit.training.losses import exclusion_loss
+
+    residual = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    null = torch.tensor([[0.0, 2.0], [1.0, 0.0]], requires_grad=True)
+    loss = exclusion_loss(residual, null)
+    # ((1-0)^2 + 0 + (3-1)^2 + (4-0)^2) / 4 = 21 / 4
+    assert loss.item() == pytest.approx(21 / 4)
+    loss.backward()
+    torch.testing.assert_close(residual.grad, torch.tensor([[0.5, 0.0], [1.0, 2.0]]))  # 2 (r - n) / 4
+    assert null.grad is None  # the null prediction is a fixed target
+
+
+class CountingDenoiser:
+    """Records every denoiser call of a backbone (rows and contexts) without changing its result."""
+
+    def __init__(self, backbone):
+        self.backbone, self.calls = backbone, []
+        self.original = backbone.denoise
+
+    def __call__(self, noisy, timesteps, context):
+        self.calls.append((noisy.detach().clone(), timesteps.detach().clone(), context.detach().clone()))
+        return self.original(noisy, timesteps, context)
+
+
+@pytest.mark.parametrize("backbone_name", ["sd15_tiny", "wan21_tiny"])
+def test_token_stage_is_one_batched_call_with_the_paper_loss(backbone_name):
+    from conceptkit.method import TrainBatch
+    from conceptkit.training.losses import denoising_loss
+
+    backbone = make_backbone(backbone_name)
+    method = make_method("conceptprism", backbone_name, "toy")
+    data = example_data(backbone, backbone_name)
+    method.initialize(backbone, data)
+    method.attach(backbone)
+    stage = method.stages()[0]
+    method.begin_stage(stage, backbone)
+    counter = CountingDenoiser(backbone)
+    backbone.denoise = counter  # instance attribute for the test only: counts calls
+    try:
+        out = method.training_loss(TrainBatch(torch.tensor([1]), data, torch.Generator().manual_seed(3)), backbone, stage)
+    finally:
+        del backbone.denoise
+    assert len(counter.calls) == 1  # reconstruction + K residual + K null in ONE call
+    noisy, timesteps, context = counter.calls[0]
+    k = min(method.anchors, data.count - 1)
+    assert noisy.shape[0] == 1 + 2 * k
+    # residual and null rows of each anchor share latent and timestep; anchors differ from each other
+    assert torch.equal(noisy[1:1 + k], noisy[1 + k:])
+    assert torch.equal(timesteps[1:1 + k], timesteps[1 + k:])
+    assert len({float(t) for t in timesteps[1:1 + k]}) == k
+    # contexts: row 0 = "<toy> <toy/r1>", residual rows = "<toy/r1>", null rows = ""
+    with torch.no_grad():
+        expected, _ = backbone.encode_text(["<toy> <toy/r1>"] + ["<toy/r1>"] * k + [""] * k)
+    torch.testing.assert_close(context, expected)
+    # recompute the loss from the recorded call: L = L_rec + beta * L_excl
+    with torch.no_grad():
+        prediction = backbone.denoise(noisy, timesteps, context)
+    rec = out["rec"].item()
+    excl = denoising_loss(prediction[1:1 + k], prediction[1 + k:]).item()
+    assert out["excl"].item() == pytest.approx(excl, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(rec + method.beta * excl, rel=1e-5)
+
+
+def test_initialisation_follows_the_official_code():
+    from conceptkit.embeddings import mean_text_output
+
+    backbone = make_backbone("sd15_tiny")
+    method = make_method("conceptprism", "sd15_tiny", "toy")
+    data = example_data(backbone)
+    method.initialize(backbone, data)
+    assert data.count == 4 and all(data.captions)
+    for i, caption in enumerate(data.captions):
+        group = method.residuals[i]
+        assert group.shape == (8, 32)
+        torch.testing.assert_close(group, mean_text_output(backbone, caption).expand(8, -1))
+    # mean_text_output averages the caption's own tokens only (no BOS/EOS/padding)
+    context, tokenized = backbone.encode_text([data.captions[0]])
+    end = int(tokenized.eos_index[0])
+    torch.testing.assert_close(mean_text_output(backbone, data.captions[0]), context[0, 1:end].mean(0))
+    # target: one vector, drawn around the vocabulary statistics ("information vacuum"), not a word
+    assert method.target.shape == (1, 32)
+    matrix = backbone.text_embedding_matrix()
+    assert not any(torch.allclose(method.target[0], row) for row in matrix)
+
+
+def test_lora_stage_freezes_tokens_and_caches_prompts():
+    from conceptkit.method import TrainBatch
+
+    backbone = make_backbone("sd15_tiny")
+    method = make_method("conceptprism", "sd15_tiny", "toy")
+    data = example_data(backbone)
+    method.initialize(backbone, data)
+    method.attach(backbone)
+    lora_stage = method.stages()[1]
+    assert (lora_stage.name, lora_stage.steps, lora_stage.lr, lora_stage.accumulate) == ("lora", 200, 4e-4, 4)
+    method.begin_stage(lora_stage, backbone)
+    assert not method.target.requires_grad and not any(p.requires_grad for p in method.residuals)
+    assert all(p.requires_grad for p in method.lora.parameters())
+    calls = []
+    handle = backbone.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    method.training_loss(TrainBatch(torch.tensor([2]), data, torch.Generator().manual_seed(0)), backbone, lora_stage)
+    handle.remove()
+    assert calls == []  # frozen tokens: reconstruction prompts were encoded once in begin_stage
+    cotrain = make_method("conceptprism", "sd15_tiny", "toy2", "method.cotrain_tokens=true")
+    cotrain.initialize(backbone, data)
+    cotrain.attach(backbone)
+    cotrain.begin_stage(cotrain.stages()[1], backbone)
+    assert cotrain.target.requires_grad
+
+
+def test_inference_prompts_use_target_only_and_residuals_on_request():
+    method = make_method("conceptprism", "sd15_tiny", "toy")
+    method.import_info({"num_images": 3})
+    assert method.prompt("a photo of {toy} on the beach") == "a photo of <toy> on the beach"
+    assert method.prompt("{toy/r2}") == "<toy/r2>"
+    assert method.token_names() == ["<toy>", "<toy/r0>", "<toy/r1>", "<toy/r2>"]
+
+
+def test_one_image_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    from conceptkit.errors import UserError
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "only.png")
+    backbone = make_backbone("sd15_tiny")
+    method = make_method("conceptprism", "sd15_tiny", "toy")
+    with pytest.raises(UserError, match="at least 2 reference images"):
+        method.initialize(backbone, example_data(backbone, "sd15_tiny", f"data.images={tmp_path}"))

@@ -1,0 +1,97 @@
+"""Training contract: frozen work done once, resume reproduces an uninterrupted run, the main job runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import train_config
+
+
+class CrashAt(L.Callback):
+    def __init__(self, stage_name, step):
+        self.stage_name, self.step = stage_name, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.stage.name == self.stage_name and trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _cfg(tmp_path, name, *extra):
+    return train_config("conceptprism", "sd15_tiny", "trainer.max_steps=4", "trainer.checkpoint_every=1",
+                        "trainer.progress_bar=false", "sample.count=0", f"name=p", f"output={tmp_path / name}",
+                        "method.lora_accumulate=2", *extra)
+
+
+def test_resume_continues_exactly(tmp_path):
+    from conceptkit.training.run import train
+
+    reference = load_file(str(train(_cfg(tmp_path, "ref.concept")) / "weights.safetensors"))
+    for stage_name in ("tokens", "lora"):
+        name = f"crash_{stage_name}.concept"
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(_cfg(tmp_path, name), callbacks=[CrashAt(stage_name, 2)])
+        assert not (tmp_path / name).exists() and (tmp_path / (name + ".partial")).exists()
+        resumed = load_file(str(train(_cfg(tmp_path, name, "resume=true")) / "weights.safetensors"))
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(resumed[key], reference[key]), (stage_name, key)
+    # and without resume the crash's state is not reused: a fresh run gives the same reference again
+    fresh = load_file(str(train(_cfg(tmp_path, "crash_tokens.concept", "overwrite=true")) / "weights.safetensors"))
+    assert all(torch.equal(fresh[k], reference[k]) for k in reference)
+
+
+def _count_forward_calls(module_type_name, fn):
+    calls = []
+
+    def hook(module, args, output):
+        if type(module).__name__ == module_type_name:
+            calls.append(1)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_frozen_work_is_done_once(tmp_path):
+    from conceptkit.training.run import train
+
+    def run(method, steps, name):
+        cfg = train_config(method, "sd15_tiny", f"trainer.max_steps={steps}", "trainer.accumulate=1",
+                           "trainer.progress_bar=false", "sample.count=0", f"output={tmp_path / name}")
+        return lambda: train(cfg)
+
+    # VAE encoder: one batched pass over the 4 example images, however many steps
+    assert _count_forward_calls("Encoder", run("lora", 3, "a")) == 1
+    assert _count_forward_calls("Encoder", run("lora", 6, "b")) == 1
+    # LoRA's prompts are fixed and the text encoder frozen: encoded once, not per step
+    assert _count_forward_calls("CLIPTextModel", run("lora", 3, "c")) == _count_forward_calls("CLIPTextModel", run("lora", 6, "d"))
+
+
+def test_main_job_trains_the_embedded_default_and_compose_renders_it(tmp_path):
+    """The README's main job: `conceptkit train` with no arguments (here only the output placed in tmp)."""
+    done = subprocess.run([sys.executable, "-m", "conceptkit.cli", "train", "trainer.progress_bar=false"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    concept = tmp_path / "outputs" / "concept.concept"
+    assert "concept written to outputs/concept.concept" in done.stdout
+    import json
+
+    meta = json.loads((concept / "concept.json").read_text())
+    assert [s["name"] for s in meta["training"]["stages"]] == ["tokens", "lora"]
+    assert [s["steps"] for s in meta["training"]["stages"]] == [200, 200]
+    assert len(meta["training"]["images"]) == 4 and meta["method"] == "conceptprism"
+    assert len(list((concept / "samples").glob("*.png"))) == 2
+    done = subprocess.run([sys.executable, "-m", "conceptkit.cli", "compose", f"concepts=[{concept}]", "count=2"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "outputs" / "compose").iterdir()) == [
+        "compose.json", "grid.png", "render_0.png", "render_1.png"]
