@@ -145,3 +145,43 @@ def test_concepts_of_all_methods_compose(trained, backbone_name):
     assert not torch.equal(predict(backbone, [prompt]), together)
     media = backbone.generate([render_prompt("a photo of {%s}" % names[0], methods[:1])], steps=2)
     assert media.shape[:3] == (1, 3, backbone.default_frames) and torch.isfinite(media).all()
+
+
+@pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] != "textual_inversion"])
+def test_exported_lora_loads_in_stock_diffusers(trained, method_name, backbone_name):
+    """pytorch_lora_weights.safetensors is what diffusers' own loader reads, and gives our outputs."""
+    from safetensors.torch import load_file
+
+    from conceptkit.artifact import load_concept
+    from conceptkit.backbones.tiny import tiny_sd15_modules, tiny_wan21_modules
+    from conftest import fixed_inputs
+
+    folder = trained[(method_name, backbone_name)]
+    backbone = make_backbone(backbone_name)
+    load_concept(folder, backbone)
+    latents, timesteps = fixed_inputs(backbone)
+    with torch.no_grad():
+        context, _ = backbone.encode_text(["a photo of a red dog", "a cat"])
+        ours = backbone.denoise(latents, timesteps, context)
+        stock = (tiny_sd15_modules if backbone_name == "sd15_tiny" else tiny_wan21_modules)(0)[2]
+        stock.load_lora_adapter(load_file(str(folder / "pytorch_lora_weights.safetensors")),
+                                prefix=backbone.lora_prefix, adapter_name="exported")
+        if backbone_name == "sd15_tiny":
+            theirs = stock(latents, timesteps, encoder_hidden_states=context).sample
+        else:
+            theirs = stock(hidden_states=latents, timestep=timesteps, encoder_hidden_states=context).sample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, predict(make_backbone(backbone_name), ["a photo of a red dog", "a cat"]))
+
+
+@pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] != "lora"])
+def test_exported_embeddings_are_the_learned_tokens(trained, method_name, backbone_name):
+    from safetensors.torch import load_file
+
+    folder = trained[(method_name, backbone_name)]
+    embeds = load_file(str(folder / "learned_embeds.safetensors"))
+    weights = load_file(str(folder / "weights.safetensors"))
+    name = json.loads((folder / "concept.json").read_text())["name"]
+    assert list(embeds) == [f"<{name}>"]
+    key = "vectors" if method_name == "textual_inversion" else "target"
+    assert torch.equal(embeds[f"<{name}>"], weights[key])

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conceptkit.embeddings import attach_lora, mean_text_output, owner_id, vocabulary_statistics_init
+from conceptkit.embeddings import (attach_lora, diffusers_lora_state_dict, mean_text_output, owner_id,
+                                   vocabulary_statistics_init)
 from conceptkit.errors import UserError
 from conceptkit.method import ConceptMethod, Stage, TrainBatch, TrainingData
 from conceptkit.training.losses import denoising_loss, exclusion_loss, sample_others
@@ -179,6 +180,13 @@ class ConceptPrism(ConceptMethod):
         return {"loss": rec, "rec": rec}
 
     # inference -------------------------------------------------------------------------------
+    def interop_files(self, backbone):
+        # The inference parts only: the target token (textual-inversion format) and the LoRA.
+        files = {"learned_embeds.safetensors": {self.target_token: self.target.detach().cpu().contiguous()}}
+        if self.lora_steps > 0:
+            files["pytorch_lora_weights.safetensors"] = diffusers_lora_state_dict(backbone, owner_id(self.concept_name))
+        return files
+
     def prompt(self, text: str) -> str:
         """`{name}` -> the target token; `{name/r3}` -> residual group 3 alone (the paper's check)."""
         for i in range(self.num_images):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conceptkit.embeddings import attach_lora, owner_id
+from conceptkit.embeddings import attach_lora, diffusers_lora_state_dict, owner_id
 from conceptkit.errors import UserError
 from conceptkit.method import ConceptMethod, Stage, TrainBatch, TrainingData
 from conceptkit.training.losses import denoising_loss
@@ -112,6 +112,9 @@ class DreamBoothLoRA(ConceptMethod):
             return {"loss": instance}
         prior = denoising_loss(prediction[n:], noisy.target[n:])
         return {"loss": instance + self.prior_loss_weight * prior, "instance": instance, "prior": prior}
+
+    def interop_files(self, backbone):
+        return {"pytorch_lora_weights.safetensors": diffusers_lora_state_dict(backbone, owner_id(self.concept_name))}
 
     def prompt(self, text: str) -> str:
         return text.replace("{%s}" % self.concept_name, self.phrase)

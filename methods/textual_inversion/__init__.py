@@ -84,5 +84,9 @@ class TextualInversion(ConceptMethod):
         loss = denoising_loss(prediction, noisy.target)
         return {"loss": loss}
 
+    def interop_files(self, backbone):
+        # diffusers' load_textual_inversion format: {token: (num_vectors, dim)}
+        return {"learned_embeds.safetensors": {self.token: self.vectors.detach().cpu().contiguous()}}
+
     def prompt(self, text: str) -> str:
         return text.replace("{%s}" % self.concept_name, self.token)

@@ -5,6 +5,9 @@
                       backbone (family, id, revision, constructor config), tokens, training summary
   weights.safetensors the method's state_dict (method tensors only, keys relative to the method)
   config.yaml         the resolved training config
+  learned_embeds.safetensors / pytorch_lora_weights.safetensors
+                      where the method has them: the same tensors in the layouts diffusers loads
+                      (`load_textual_inversion`, `load_lora_weights`), for use outside conceptkit
   samples/            images or clips rendered at the end of training
 
 No pickle anywhere. Loading is strict and every mismatch is one UserError sentence. Writing goes to a
@@ -56,6 +59,8 @@ def write_concept(folder: Path, method, backbone, config_yaml: str, training: di
     (staging / "concept.json").write_text(json.dumps(meta, indent=2) + "\n")
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
     save_file(tensors, str(staging / "weights.safetensors"), metadata={"format": "conceptkit", "method": method.name})
+    for filename, file_tensors in method.interop_files(backbone).items():
+        save_file(file_tensors, str(staging / filename), metadata={"format": "pt", "conceptkit_method": method.name})
     (staging / "config.yaml").write_text(config_yaml)
     if samples is not None:
         save_media(samples, staging / "samples", "sample", fps=fps)

@@ -54,3 +54,12 @@ def attach_lora(store: nn.ModuleDict, backbone, owner: str, rank: int, alpha: fl
         if key in previous:
             pair.load_state_dict(previous[key])
         store[key] = pair
+
+
+def diffusers_lora_state_dict(backbone, owner: str) -> dict[str, torch.Tensor]:
+    """The adapter `owner` in diffusers' LoRA file layout (`unet.<module>.lora_A.weight`, or
+    `transformer.` for Wan), as `load_lora_weights` / `load_lora_adapter` read it."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(backbone.denoiser, adapter_name=owner)
+    return {f"{backbone.lora_prefix}.{key}": value.detach().cpu().contiguous() for key, value in state.items()}

@@ -114,6 +114,11 @@ class ConceptMethod(nn.Module):
         """Replace this concept's `{name}` placeholder with what the method feeds the text encoder."""
         raise NotImplementedError
 
+    def interop_files(self, backbone) -> dict[str, dict[str, torch.Tensor]]:
+        """Extra files in formats other tools load (diffusers LoRA, textual-inversion embeddings),
+        written beside weights.safetensors. Called while attached."""
+        return {}
+
     def sample_prompts(self) -> list[str]:
         """Prompts (with `{name}`) rendered into samples/ and training previews."""
         return ["a photo of {%s}" % self.concept_name, "a photo of {%s} on the beach" % self.concept_name]

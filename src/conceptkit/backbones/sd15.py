@@ -34,6 +34,7 @@ SD15_SCHEDULER_CONFIG = dict(
 
 class SD15Backbone(Backbone):
     family = "sd15"
+    lora_prefix = "unet"  # diffusers' LoRA file key prefix for this denoiser
     default_resolution = 512
 
     def __init__(self, *, weights: str = "pretrained", pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",

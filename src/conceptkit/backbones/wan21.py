@@ -25,6 +25,7 @@ UMT5_XXL_CONFIG = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num
 
 class Wan21Backbone(Backbone):
     family = "wan21"
+    lora_prefix = "transformer"  # diffusers' LoRA file key prefix for this denoiser
     default_resolution = 480
     is_video = True
 

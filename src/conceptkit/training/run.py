@@ -144,7 +144,6 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         samples = backbone.generate(prompts * cfg.sample.count, negative_prompt=cfg.sample.negative_prompt,
                                     steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
                                     scheduler=cfg.sample.scheduler)
-    method.cpu()
     write_concept(output, method, backbone, OmegaConf.to_yaml(cfg, resolve=True), summary, samples,
                   method.sample_prompts() * cfg.sample.count, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite)
     if not cfg.trainer.keep_checkpoints:
