@@ -11,7 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
-METHODS = ["textual_inversion", "lora", "conceptprism"]
+from conceptkit.registry import method_names  # noqa: E402
+
+METHODS = method_names()  # every method folder joins the conformance table automatically
 BACKBONES = ["sd15_tiny", "wan21_tiny"]
 PAIRS = [(m, b) for b in BACKBONES for m in METHODS]
 

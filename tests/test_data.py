@@ -57,3 +57,48 @@ def test_captions_from_sidecars_and_files(tmp_path):
     lines.write_text("one\n")
     with pytest.raises(UserError, match="1 lines for 2 files"):
         load_media(str(tmp_path), 32, 1, False, str(lines))
+
+
+def _tiny_blip(folder):
+    """A BLIP captioner (real classes, tiny, random weights) saved like a hub model."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "red", "block", "on", "grass"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, encoder_hidden_size=32, bos_token_id=5, pad_token_id=0, sep_token_id=3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32)
+    import torch
+
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return words
+
+
+def test_captioner_fills_only_missing_captions(tmp_path):
+    from PIL import Image
+
+    from conceptkit.data import load_media
+    from conceptkit.errors import UserError
+
+    model = tmp_path / "blip"
+    model.mkdir()
+    words = _tiny_blip(model)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(images / "a.png")
+    Image.new("RGB", (40, 40), (0, 200, 0)).save(images / "b.png")
+    (images / "a.txt").write_text("my own caption\n")
+    media = load_media(str(images), 32, 1, False, captioner=str(model))
+    assert media.captions[0] == "my own caption"
+    generated = media.captions[1]
+    assert generated and set(generated.split()) <= set(words)  # decoded by the model's own tokenizer
+    with pytest.raises(UserError, match="data.captioner"):
+        load_media(str(images / "b.png"), 32, 1, False, captioner=str(tmp_path / "no_model"))

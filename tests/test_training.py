@@ -95,3 +95,19 @@ def test_main_job_trains_the_embedded_default_and_compose_renders_it(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "outputs" / "compose").iterdir()) == [
         "compose.json", "grid.png", "render_0.png", "render_1.png"]
+
+
+def test_previews_are_written_during_training(tmp_path):
+    from conceptkit.training.run import train
+
+    cfg = train_config("textual_inversion", "wan21_tiny", "experiment=smoke", "trainer.max_steps=4",
+                       "trainer.preview_every=2", "trainer.keep_checkpoints=true", "sample.count=0",
+                       f"output={tmp_path / 'p.concept'}")
+    train(cfg)
+    previews = sorted(p.name for p in (tmp_path / "p.concept.partial" / "previews").iterdir())
+    assert previews == ["embedding_step00002.png", "embedding_step00004.png"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "p.concept.partial" / "previews" / previews[0]) as image:
+        # two sample prompts, each a row of 5 frames (a video backbone's frame strip)
+        assert image.size == (5 * 32, 2 * 32)

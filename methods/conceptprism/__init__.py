@@ -192,3 +192,6 @@ class ConceptPrism(ConceptMethod):
         for i in range(self.num_images):
             text = text.replace("{%s/r%d}" % (self.concept_name, i), self.residual_token(i))
         return text.replace("{%s}" % self.concept_name, self.target_token)
+
+
+METHOD = ConceptPrism

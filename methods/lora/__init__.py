@@ -118,3 +118,6 @@ class DreamBoothLoRA(ConceptMethod):
 
     def prompt(self, text: str) -> str:
         return text.replace("{%s}" % self.concept_name, self.phrase)
+
+
+METHOD = DreamBoothLoRA

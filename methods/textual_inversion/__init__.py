@@ -90,3 +90,6 @@ class TextualInversion(ConceptMethod):
 
     def prompt(self, text: str) -> str:
         return text.replace("{%s}" % self.concept_name, self.token)
+
+
+METHOD = TextualInversion

@@ -46,9 +46,9 @@ def _ls(args: list[str]) -> int:
     from pathlib import Path
 
     from conceptkit.config import group_options
-    from conceptkit.registry import METHODS
+    from conceptkit.registry import method_names
 
-    print("methods:   " + ", ".join(METHODS))
+    print("methods:   " + ", ".join(method_names()))
     print("backbones: " + ", ".join(group_options("backbone")))
     if args:
         import json

@@ -21,6 +21,7 @@ from conceptkit.errors import UserError
 class DataSettings:
     images: str | None = None
     captions: str | None = None
+    captioner: str | None = None
     frames: int | None = None
 
 
@@ -91,6 +92,7 @@ class BenchSettings:
     warmup: int = 3
     device: str = "auto"
     precision: str = "32"
+    overrides: list = dataclasses.field(default_factory=list)
     output: str = "outputs/bench"
     debug: bool = False
 

@@ -3,7 +3,7 @@
 Media come back as one tensor (N, 3, F, H, W) in [-1, 1]: images are one-frame clips. Files are
 sorted by name (ConceptPrism pairs captions with images in that order). Captions come from a
 sidecar `<stem>.txt` beside each file, or from `data.captions` (a JSON object file name -> caption,
-or a text file with one caption per line in sorted-file order).
+or a text file with one caption per line in sorted-file order), else from `data.captioner` (a model).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _captions(files: list[Path], captions_file: str | None) -> list[str | None]:
 
 
 def load_media(spec: str | None, resolution: int, frames: int, video_backbone: bool,
-               captions_file: str | None = None) -> Media:
+               captions_file: str | None = None, captioner: str | None = None) -> Media:
     files = find_media(spec)
     clips = []
     for path in files:
@@ -141,9 +141,13 @@ def load_media(spec: str | None, resolution: int, frames: int, video_backbone: b
         raise UserError("data.images: mix of images and clips; train images and videos as separate concepts")
     pixels = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).contiguous()  # N, 3, F, H, W
     captions = _captions(files, captions_file)
+    if captioner:
+        from conceptkit.captioning import fill_missing_captions
+
+        captions = fill_missing_captions(files, captions, captioner)
     missing = [f.name for f, c in zip(files, captions) if c is None]
     if missing:
         warnings.warn(f"no caption for {len(missing)} of {len(files)} files ({', '.join(missing[:3])}...): methods "
-                      f"that initialise from captions use their fallback caption; add <stem>.txt files or data.captions",
+                      f"that initialise from captions use their fallback caption; add <stem>.txt files, data.captions or data.captioner",
                       stacklevel=2)
     return Media(pixels=pixels, captions=captions, names=[f.name for f in files])

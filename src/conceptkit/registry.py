@@ -1,35 +1,34 @@
-"""Names users type -> classes, resolved lazily. An explicit table: nothing registers itself on import."""
+"""Names users type -> classes, resolved lazily.
+
+Methods are found as folders of the `conceptkit.methods` package (methods/<name>/ in the source tree),
+each exporting its class as `METHOD`; the core never names a method, and nothing registers itself on
+import. Backbone families are the modules `conceptkit.backbones.<family>`, each exporting `BACKBONE`.
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from conceptkit.errors import UserError
 
-METHODS = {
-    "textual_inversion": "conceptkit.methods.textual_inversion:TextualInversion",
-    "lora": "conceptkit.methods.lora:DreamBoothLoRA",
-    "conceptprism": "conceptkit.methods.conceptprism:ConceptPrism",
-}
-
-BACKBONE_FAMILIES = {
-    "sd15": "conceptkit.backbones.sd15:SD15Backbone",
-    "wan21": "conceptkit.backbones.wan21:Wan21Backbone",
-}
+BACKBONE_FAMILIES = ("sd15", "wan21")
 
 
-def _load(path: str):
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def method_names() -> list[str]:
+    import conceptkit.methods as package
+
+    return sorted(info.name for info in pkgutil.iter_modules(package.__path__) if info.ispkg)
 
 
 def method_class(name: str):
-    if name not in METHODS:
-        raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
-    return _load(METHODS[name])
+    names = method_names()
+    if name not in names:
+        raise UserError(f"unknown method {name!r}: choose one of {', '.join(names)}")
+    return importlib.import_module(f"conceptkit.methods.{name}").METHOD
 
 
 def backbone_class(family: str):
     if family not in BACKBONE_FAMILIES:
         raise UserError(f"unknown backbone family {family!r}: choose one of {', '.join(BACKBONE_FAMILIES)}")
-    return _load(BACKBONE_FAMILIES[family])
+    return importlib.import_module(f"conceptkit.backbones.{family}").BACKBONE

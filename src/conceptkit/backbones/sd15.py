@@ -129,7 +129,8 @@ class SD15Backbone(Backbone):
         return NoisyBatch(noisy=noisy, timesteps=timesteps, target=target)
 
     def denoise(self, noisy, timesteps, context):
-        return self.denoiser(noisy, timesteps, encoder_hidden_states=context).sample
+        # Frozen weights may be bf16/fp16 while latents and learned tokens stay fp32.
+        return self.denoiser(noisy.to(self.dtype), timesteps, encoder_hidden_states=context.to(self.dtype)).sample
 
     def sampling_scheduler(self, name: str | None):
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -153,3 +154,6 @@ class SD15Backbone(Backbone):
     def decode(self, latents):
         images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
         return ((images.clamp(-1, 1) + 1) / 2).unsqueeze(2).cpu()
+
+
+BACKBONE = SD15Backbone

@@ -140,7 +140,9 @@ class Wan21Backbone(Backbone):
         return NoisyBatch(noisy=noisy, timesteps=sigma * 1000.0, target=noise - latents)
 
     def denoise(self, noisy, timesteps, context):
-        return self.denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=context).sample
+        # Frozen weights may be bf16/fp16 while latents and learned tokens stay fp32.
+        return self.denoiser(hidden_states=noisy.to(self.dtype), timestep=timesteps,
+                             encoder_hidden_states=context.to(self.dtype)).sample
 
     def sampling_scheduler(self, name: str | None):
         from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -165,3 +167,6 @@ class Wan21Backbone(Backbone):
         latents = latents * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
         video = self.vae.decode(latents.to(self.dtype)).sample.float()
         return ((video.clamp(-1, 1) + 1) / 2).cpu()
+
+
+BACKBONE = Wan21Backbone

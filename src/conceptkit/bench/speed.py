@@ -51,7 +51,7 @@ class _RssSampler:
 
 
 def measure_pair(method_name: str, backbone_name: str, steps: int, warmup: int, device: str,
-                 precision: str) -> list[dict]:
+                 precision: str, overrides: list[str] = ()) -> list[dict]:
     import torch
     from hydra.utils import instantiate
 
@@ -62,7 +62,7 @@ def measure_pair(method_name: str, backbone_name: str, steps: int, warmup: int, 
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = compose("train", [f"method={method_name}", f"backbone={backbone_name}", "name=bench"])
+    cfg = compose("train", [f"method={method_name}", f"backbone={backbone_name}", "name=bench", *overrides])
     backbone = instantiate(cfg.backbone).load().to(device)
     method = instantiate(cfg.method, concept_name="bench")
     data = prepare_data(cfg, backbone)
@@ -135,11 +135,11 @@ def _table(rows: list[dict]) -> str:
 
 def run_bench(cfg) -> Path:
     from conceptkit.config import group_options
-    from conceptkit.registry import METHODS
+    from conceptkit.registry import method_names
 
     for name in cfg.methods:
-        if name not in METHODS:
-            raise UserError(f"methods: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if name not in method_names():
+            raise UserError(f"methods: unknown method {name!r}; choose from {', '.join(method_names())}")
     for name in cfg.backbones:
         if name not in group_options("backbone"):
             raise UserError(f"backbones: unknown backbone {name!r}; choose from {', '.join(group_options('backbone'))}")
@@ -149,7 +149,8 @@ def run_bench(cfg) -> Path:
     for number, (backbone_name, method_name) in enumerate(pairs, 1):
         print(f"[{number}/{len(pairs)}] {method_name} on {backbone_name} ...", flush=True)
         request = json.dumps({"method": method_name, "backbone": backbone_name, "steps": cfg.steps,
-                              "warmup": cfg.warmup, "device": cfg.device, "precision": cfg.precision})
+                              "warmup": cfg.warmup, "device": cfg.device, "precision": cfg.precision,
+                              "overrides": list(cfg.overrides)})
         done = subprocess.run([sys.executable, "-m", "conceptkit.bench.speed", request], capture_output=True, text=True,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if done.returncode != 0:
@@ -163,7 +164,8 @@ def run_bench(cfg) -> Path:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__,
                     "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "settings": {"steps": cfg.steps, "warmup": cfg.warmup, "precision": cfg.precision},
+        "settings": {"steps": cfg.steps, "warmup": cfg.warmup, "precision": cfg.precision,
+                     "overrides": list(cfg.overrides)},
         "rows": rows,
     }
     output.mkdir(parents=True, exist_ok=True)
@@ -177,5 +179,5 @@ def run_bench(cfg) -> Path:
 if __name__ == "__main__":
     args = json.loads(sys.argv[1])
     result = measure_pair(args["method"], args["backbone"], args["steps"], args["warmup"], args["device"],
-                          args["precision"])
+                          args["precision"], args.get("overrides", []))
     print(json.dumps(result))

@@ -62,7 +62,8 @@ def prepare_data(cfg: DictConfig, backbone):
     from conceptkit.method import TrainingData
 
     frames = int(cfg.data.frames or 1)
-    media = load_media(cfg.data.images, backbone.resolution, frames, backbone.is_video, cfg.data.captions)
+    media = load_media(cfg.data.images, backbone.resolution, frames, backbone.is_video, cfg.data.captions,
+                       cfg.data.captioner)
     latents = backbone.encode_media(media.pixels)
     return TrainingData(latents=latents, captions=media.captions, names=media.names, frames=media.pixels.shape[2])
 
@@ -92,7 +93,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     method.initialize(backbone, data)
     method.attach(backbone)
 
-    summary = {"images": data.names, "seed": cfg.seed, "stages": []}
+    summary = {"images": data.names, "captions": data.captions, "seed": cfg.seed, "stages": []}
     started = time.time()
     for index, stage in enumerate(method.stages()):
         stage = stage_with_overrides(stage, cfg.trainer)
