@@ -36,7 +36,12 @@ def test_resume_continues_exactly(tmp_path):
         name = f"crash_{stage_name}.concept"
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(_cfg(tmp_path, name), callbacks=[CrashAt(stage_name, 2)])
-        assert not (tmp_path / name).exists() and (tmp_path / (name + ".partial")).exists()
+        partial = tmp_path / (name + ".partial")
+        assert not (tmp_path / name).exists() and partial.exists()
+        checkpoint = torch.load(partial / "checkpoints" / stage_name / "last.ckpt", weights_only=False)
+        # the method's tensors and the optimiser state, never the frozen backbone
+        assert checkpoint["state_dict"] and all(k.startswith("method.") for k in checkpoint["state_dict"])
+        assert checkpoint["optimizer_states"]
         resumed = load_file(str(train(_cfg(tmp_path, name, "resume=true")) / "weights.safetensors"))
         assert resumed.keys() == reference.keys()
         for key in reference:

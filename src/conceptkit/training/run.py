@@ -115,7 +115,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             max_steps=stage.steps, accumulate_grad_batches=stage.accumulate, gradient_clip_val=stage.grad_clip,
             precision=cfg.trainer.precision, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
             strategy=cfg.trainer.strategy, callbacks=stage_callbacks, logger=False,
-            enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar, max_epochs=-1,
+            enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar, max_epochs=1,
             default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1,
         )
         last = checkpoint_dir / "last.ckpt"
