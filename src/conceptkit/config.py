@@ -135,6 +135,8 @@ def _explain_hydra_error(message: str) -> str:
     for group in ("method", "backbone", "data", "trainer", "experiment"):
         if f"'{group}/" in first or f"group {group}" in first:
             return f"unknown {group} in {first!r}: choose one of {', '.join(group_options(group))}"
+    if "no viable alternative" in first or "mismatched input" in first or "extraneous input" in first:
+        return f"cannot parse a command-line override ({first}); quote values that contain '=' or spaces"
     if "Could not override" in first or "Key '" in first:
         return f"{first} (check the key name; `conceptkit <command> --cfg` is not needed, see conf/)"
     return first

@@ -44,24 +44,39 @@ class NoisyBatch:
     target: torch.Tensor
 
 
+def shipped_weights_folder(name: str):
+    """Where the ShapeWorld toy backbones' weights live inside the package (diffusers format)."""
+    from importlib import resources
+    from pathlib import Path
+
+    return Path(str(resources.files("conceptkit"))) / "assets" / "backbones" / name
+
+
 class Backbone:
     """Base for the backbone families. Construction is cheap (config only); `load()` builds modules."""
 
     family: ClassVar[str]
-    default_resolution: int
     default_frames: int = 1
     is_video: ClassVar[bool] = False
 
-    def __init__(self, *, weights: str, pretrained: str, path: str | None, revision: str | None, dtype: str,
-                 resolution: int | None, max_text_tokens: int, seed: int):
-        if weights not in ("pretrained", "tiny", "random"):
-            raise UserError(f"backbone.weights must be 'pretrained', 'tiny' or 'random', got {weights!r}")
+    ARCHITECTURES: ClassVar[tuple[str, ...]] = ("full", "shapes", "tiny")
+    RESOLUTIONS: ClassVar[dict[str, int]]  # default resolution per architecture
+
+    def __init__(self, *, architecture: str, weights: str, pretrained: str, path: str | None, revision: str | None,
+                 dtype: str, resolution: int | None, max_text_tokens: int, seed: int):
+        if architecture not in self.ARCHITECTURES:
+            raise UserError(f"backbone.architecture must be one of {', '.join(self.ARCHITECTURES)}, got {architecture!r}")
+        if weights not in ("pretrained", "random"):
+            raise UserError(f"backbone.weights must be 'pretrained' or 'random', got {weights!r}")
+        if architecture == "tiny" and weights == "pretrained":
+            raise UserError("backbone.architecture=tiny has no pretrained weights: use weights=random (seeded)")
+        self.architecture = architecture
         self.weights = weights
         self.pretrained = pretrained
         self.path = path
         self.revision = revision
         self.dtype_name = dtype
-        self.resolution = resolution or self.default_resolution
+        self.resolution = resolution or self.RESOLUTIONS[architecture]
         self.max_text_tokens = max_text_tokens
         self.seed = seed
         self.loaded = False
@@ -70,12 +85,10 @@ class Backbone:
 
     # identity ---------------------------------------------------------------------------------
     def identity(self) -> dict:
-        if self.weights == "tiny":
-            source = f"tiny:{self.family}:seed{self.seed}"
-        elif self.weights == "random":
-            source = f"random:{self.family}:seed{self.seed}"
+        if self.weights == "random":
+            source = f"random:{self.family}-{self.architecture}:seed{self.seed}"
         else:
-            source = self.path or self.pretrained
+            source = self._source()
         return {"family": self.family, "id": source, "revision": self.revision}
 
     def config(self) -> dict:
@@ -90,7 +103,11 @@ class Backbone:
     def load(self) -> "Backbone":
         if self.loaded:
             return self
-        self._build_modules()
+        if self.weights == "random":
+            torch.manual_seed(self.seed)
+            self._build_random_modules()
+        else:
+            self._load_pretrained_modules(self._source())
         for module in self.frozen_modules():
             module.requires_grad_(False)
             module.eval()
@@ -103,10 +120,17 @@ class Backbone:
         return self
 
     def _source(self) -> str:
-        return self.path or self.pretrained
+        if self.path:
+            return self.path
+        if self.architecture == "shapes":
+            return str(shipped_weights_folder(f"{self.family}_shapes"))
+        return self.pretrained
 
     def _missing_weights(self, error: Exception) -> UserError:
         source = self._source()
+        if self.architecture == "shapes" and not self.path:
+            return UserError(f"the toy backbone weights {self.family}_shapes are not in this install ({source}); "
+                             f"create them with: conceptkit pretrain backbone={self.family}_shapes")
         return UserError(
             f"backbone weights for {self.family} from {source!r} are not present and cannot be downloaded "
             f"({type(error).__name__}); download a diffusers-format copy where you have network and pass "
@@ -238,7 +262,11 @@ class Backbone:
         raise NotImplementedError
 
     # hooks for subclasses -------------------------------------------------------------------
-    def _build_modules(self) -> None:
+    def _build_random_modules(self) -> None:
+        """tokenizer, text_encoder, denoiser, vae (+ schedulers) of `self.architecture`, random init."""
+        raise NotImplementedError
+
+    def _load_pretrained_modules(self, source: str) -> None:
         raise NotImplementedError
 
     def _install_attention_processors(self) -> list[AttentionSite]:

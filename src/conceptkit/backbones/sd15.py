@@ -35,50 +35,59 @@ SD15_SCHEDULER_CONFIG = dict(
 class SD15Backbone(Backbone):
     family = "sd15"
     lora_prefix = "unet"  # diffusers' LoRA file key prefix for this denoiser
-    default_resolution = 512
+    RESOLUTIONS = {"full": 512, "shapes": 64, "tiny": 32}
 
-    def __init__(self, *, weights: str = "pretrained", pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    def __init__(self, *, architecture: str = "full", weights: str = "pretrained",
+                 pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
                  path: str | None = None, revision: str | None = None, dtype: str = "float32",
                  resolution: int | None = None, max_text_tokens: int = 77, seed: int = 0,
                  default_scheduler: str = "dpm++"):
-        super().__init__(weights=weights, pretrained=pretrained, path=path, revision=revision, dtype=dtype,
-                         resolution=resolution, max_text_tokens=max_text_tokens, seed=seed)
-        if weights == "tiny" and resolution is None:
-            self.resolution = 32
+        super().__init__(architecture=architecture, weights=weights, pretrained=pretrained, path=path,
+                         revision=revision, dtype=dtype, resolution=resolution, max_text_tokens=max_text_tokens,
+                         seed=seed)
         self.default_scheduler = default_scheduler
 
     def config(self) -> dict:
-        return dict(weights=self.weights, pretrained=self.pretrained, path=self.path, revision=self.revision,
+        return dict(architecture=self.architecture, weights=self.weights, pretrained=self.pretrained, path=self.path,
+                    revision=self.revision,
                     dtype=self.dtype_name, resolution=self.resolution, max_text_tokens=self.max_text_tokens,
                     seed=self.seed, default_scheduler=self.default_scheduler)
 
-    def _build_modules(self) -> None:
+    def _build_random_modules(self) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-        from conceptkit.backbones.tiny import build_tiny_clip_tokenizer, tiny_sd15_modules
+        from conceptkit.backbones import tiny, toy
 
-        if self.weights == "tiny":
-            self.tokenizer, self.text_encoder, self.denoiser, self.vae = tiny_sd15_modules(self.seed)
-            self.train_scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
-        elif self.weights == "random":
-            torch.manual_seed(self.seed)
-            self.tokenizer = build_tiny_clip_tokenizer()
+        if self.architecture == "tiny":
+            self.tokenizer, self.text_encoder, self.denoiser, self.vae = tiny.tiny_sd15_modules(self.seed)
+        elif self.architecture == "shapes":
+            self.tokenizer, self.text_encoder, self.denoiser, self.vae = toy.shapes_sd15_modules(self.seed)
+        else:
+            self.tokenizer = tiny.build_tiny_clip_tokenizer()  # ids only need to be < the vocabulary size
             self.text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
             self.denoiser = UNet2DConditionModel(**SD15_UNET_CONFIG)
             self.vae = AutoencoderKL(**SD15_VAE_CONFIG)
-            self.train_scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
-        else:
-            source, kw = self._source(), {"revision": self.revision}
-            model_kw = {**kw, "torch_dtype": self.dtype}
-            try:
-                self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-                self.text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **model_kw)
-                self.denoiser = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **model_kw)
-                self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **model_kw)
-                self.train_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
-            except (OSError, ValueError) as error:
-                raise self._missing_weights(error) from None
+        self.train_scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+        self._set_latent_geometry()
+
+    def _load_pretrained_modules(self, source: str) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        kw = {"revision": self.revision}
+        model_kw = {**kw, "torch_dtype": self.dtype}
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+            self.text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **model_kw)
+            self.denoiser = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **model_kw)
+            self.vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **model_kw)
+            self.train_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+        except (OSError, ValueError) as error:
+            raise self._missing_weights(error) from None
+        self._set_latent_geometry()
+
+    def _set_latent_geometry(self) -> None:
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 

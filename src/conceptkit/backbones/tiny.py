@@ -38,9 +38,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def build_tiny_clip_tokenizer():
+def build_tiny_clip_tokenizer(words: list[str] | None = None):
     """A CLIP tokenizer (real CLIPTokenizer class) with a byte-level base vocabulary and whole-word
-    merges for PROMPT_WORDS."""
+    merges for `words` (default PROMPT_WORDS)."""
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
@@ -51,7 +51,7 @@ def build_tiny_clip_tokenizer():
         vocab.setdefault(c + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
-    for word in PROMPT_WORDS:
+    for word in words or PROMPT_WORDS:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         current = symbols[0]
         for nxt in symbols[1:]:
@@ -66,12 +66,13 @@ def build_tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_tiny_t5_tokenizer(model_max_length: int = 64):
-    """A T5 tokenizer (real T5Tokenizer class, unigram model) over PROMPT_WORDS and single characters."""
+def build_tiny_t5_tokenizer(model_max_length: int = 64, words: list[str] | None = None):
+    """A T5 tokenizer (real T5Tokenizer class, unigram model) over `words` (default PROMPT_WORDS) and
+    single characters."""
     from transformers import T5Tokenizer
 
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    for word in PROMPT_WORDS:
+    for word in words or PROMPT_WORDS:
         pieces.append(("▁" + word, -5.0))
     for code in list(range(ord("a"), ord("z") + 1)) + list(range(ord("0"), ord("9") + 1)) + [ord(c) for c in "<>_-.,!?'"]:
         pieces.append((chr(code), -10.0))

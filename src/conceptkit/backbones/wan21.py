@@ -26,18 +26,18 @@ UMT5_XXL_CONFIG = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num
 class Wan21Backbone(Backbone):
     family = "wan21"
     lora_prefix = "transformer"  # diffusers' LoRA file key prefix for this denoiser
-    default_resolution = 480
+    RESOLUTIONS = {"full": 480, "shapes": 64, "tiny": 32}
     is_video = True
 
-    def __init__(self, *, weights: str = "pretrained", pretrained: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    def __init__(self, *, architecture: str = "full", weights: str = "pretrained",
+                 pretrained: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                  path: str | None = None, revision: str | None = None, dtype: str = "float32",
                  resolution: int | None = None, max_text_tokens: int = 512, seed: int = 0,
                  frames: int = 81, fps: int = 16, train_shift: float = 5.0, sample_shift: float = 3.0,
                  default_scheduler: str = "unipc"):
-        super().__init__(weights=weights, pretrained=pretrained, path=path, revision=revision, dtype=dtype,
-                         resolution=resolution, max_text_tokens=max_text_tokens, seed=seed)
-        if weights == "tiny" and resolution is None:
-            self.resolution = 32
+        super().__init__(architecture=architecture, weights=weights, pretrained=pretrained, path=path,
+                         revision=revision, dtype=dtype, resolution=resolution, max_text_tokens=max_text_tokens,
+                         seed=seed)
         if (frames - 1) % 4 != 0:
             raise UserError(f"backbone.frames must be 1 + 4k (Wan's VAE compresses time by 4), got {frames}")
         self.default_frames = frames
@@ -47,35 +47,45 @@ class Wan21Backbone(Backbone):
         self.default_scheduler = default_scheduler
 
     def config(self) -> dict:
-        return dict(weights=self.weights, pretrained=self.pretrained, path=self.path, revision=self.revision,
+        return dict(architecture=self.architecture, weights=self.weights, pretrained=self.pretrained, path=self.path,
+                    revision=self.revision,
                     dtype=self.dtype_name, resolution=self.resolution, max_text_tokens=self.max_text_tokens,
                     seed=self.seed, frames=self.default_frames, fps=self.fps, train_shift=self.train_shift,
                     sample_shift=self.sample_shift, default_scheduler=self.default_scheduler)
 
-    def _build_modules(self) -> None:
+    def _build_random_modules(self) -> None:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
-        from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+        from transformers import UMT5Config, UMT5EncoderModel
 
-        from conceptkit.backbones.tiny import build_tiny_t5_tokenizer, tiny_wan21_modules
+        from conceptkit.backbones import tiny, toy
 
-        if self.weights == "tiny":
-            self.tokenizer, self.text_encoder, self.denoiser, self.vae = tiny_wan21_modules(self.seed)
-        elif self.weights == "random":
-            torch.manual_seed(self.seed)
-            self.tokenizer = build_tiny_t5_tokenizer(self.max_text_tokens)
+        if self.architecture == "tiny":
+            self.tokenizer, self.text_encoder, self.denoiser, self.vae = tiny.tiny_wan21_modules(self.seed)
+        elif self.architecture == "shapes":
+            self.tokenizer, self.text_encoder, self.denoiser, self.vae = toy.shapes_wan21_modules(self.seed)
+        else:
+            self.tokenizer = tiny.build_tiny_t5_tokenizer(self.max_text_tokens)
             self.text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG))
             self.denoiser = WanTransformer3DModel(**WAN13B_TRANSFORMER_CONFIG)
             self.vae = AutoencoderKLWan()
-        else:
-            source, kw = self._source(), {"revision": self.revision}
-            model_kw = {**kw, "torch_dtype": self.dtype}
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-                self.text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", **model_kw)
-                self.denoiser = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", **model_kw)
-                self.vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", **model_kw)
-            except (OSError, ValueError) as error:
-                raise self._missing_weights(error) from None
+        self._set_latent_geometry()
+
+    def _load_pretrained_modules(self, source: str) -> None:
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        kw = {"revision": self.revision}
+        model_kw = {**kw, "torch_dtype": self.dtype}
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+            self.text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", **model_kw)
+            self.denoiser = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", **model_kw)
+            self.vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", **model_kw)
+        except (OSError, ValueError) as error:
+            raise self._missing_weights(error) from None
+        self._set_latent_geometry()
+
+    def _set_latent_geometry(self) -> None:
         config = self.vae.config
         self.latents_mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
         self.latents_std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
