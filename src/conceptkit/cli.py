@@ -10,6 +10,7 @@ commands:
   train     train a concept:    conceptkit train method=conceptprism backbone=sd15 data.images=<folder> output=<dir>
   compose   render concepts:    conceptkit compose concepts=[<dir>,<dir>] prompt="a photo of {a} and {b}" output=<dir>
   bench     step time / memory: conceptkit bench methods=[lora,conceptprism] backbones=[sd15_tiny]
+  pretrain  ShapeWorld toy backbones: conceptkit pretrain backbone=sd15_shapes
   ls        list methods and backbones, and the concepts in a folder: conceptkit ls [folder]
 
 Arguments are Hydra overrides of the configs in conf/ (train.yaml, compose.yaml, bench.yaml).
@@ -33,6 +34,12 @@ def _run(command: str, overrides: list[str]) -> int:
 
         output = run_compose(cfg)
         print(f"renders written to {output}")
+    elif command == "pretrain":
+        cfg = compose("pretrain", overrides)
+        from conceptkit.training.pretrain import pretrain
+
+        output = pretrain(cfg, overrides)
+        print(f"toy backbone written to {output}")
     elif command == "bench":
         cfg = compose("bench", overrides)
         from conceptkit.bench.speed import run_bench
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "ls":
         return _ls(rest)
-    if command not in ("train", "compose", "bench"):
+    if command not in ("train", "compose", "bench", "pretrain"):
         print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):

@@ -97,10 +97,50 @@ class BenchSettings:
     debug: bool = False
 
 
+@dataclass
+class PretrainSettings:
+    backbone: Any = None
+    trainer: Any = None
+    corpus: Any = None
+    vae: Any = None
+    denoiser: Any = None
+    output: str | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    debug: bool = False
+
+
+@dataclass
+class CorpusSettings:  # values live in conf/pretrain.yaml; these classes only name the keys
+    images: int
+    clips: int
+    clip_fraction: float
+
+
+@dataclass
+class VaeRecipe:
+    steps: int
+    lr: float
+    batch_size: int
+    kl_weight: float
+
+
+@dataclass
+class DenoiserRecipe:
+    steps: int
+    lr: float
+    batch_size: int
+    weight_decay: float
+    caption_dropout: float
+
+
 SECTIONS = {
     "train": (TrainSettings, {"data": DataSettings, "trainer": TrainerSettings, "sample": SampleSettings}),
     "compose": (ComposeSettings, {}),
     "bench": (BenchSettings, {}),
+    "pretrain": (PretrainSettings, {"trainer": TrainerSettings, "corpus": CorpusSettings, "vae": VaeRecipe,
+                                    "denoiser": DenoiserRecipe}),
 }
 
 
@@ -174,6 +214,7 @@ def validate(config_name: str, cfg) -> None:
     _check_keys(cfg, top, "")
     for key, settings_cls in sections.items():
         _check_keys(cfg[key], settings_cls, key)
-    if config_name == "train":
+    if config_name in ("train", "pretrain"):
         bind_target(cfg.backbone, "backbone")
+    if config_name == "train":
         bind_target(cfg.method, "method", extra={"concept_name": cfg.name})

@@ -11,27 +11,26 @@ import torch
 
 from conceptkit.backbones.tiny import PROMPT_WORDS, build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 
-# Caption grammar words beyond the factor values (kept in one place so the tokenizer gives every
-# caption word a whole-word token; tests/test_pretrain.py checks that against real captions).
-GRAMMAR_WORDS = """
-a an the on of in with and is are left right above below next to beside near background moving
-slowly quickly fast slow spinning bouncing plain striped dotted checkered gradient noise noisy
-small large big round shaped coloured colored pattern patterned scene picture photo image video clip
-""".split()
-
-
 def shapes_words() -> list[str]:
-    from conceptkit.world import factors
+    """Every word the world's captions use (factor values and grammar), so each gets a whole-word
+    token. Collected from captions sampled with a fixed seed: deterministic, and it follows the
+    grammar when the grammar changes (before pretraining; the tokenizer then ships with the weights)."""
+    import re
 
-    values = [*factors.SHAPES, *factors.COLOURS, *factors.PATTERNS, *factors.SIZES, *factors.REGIONS,
-              *factors.BACKGROUND_COLOURS, *factors.BACKGROUND_PATTERNS, *factors.DIRECTIONS, *factors.SPEEDS,
-              *factors.ROTATIONS]
-    seen, words = set(), []
-    for word in [*values, *GRAMMAR_WORDS, *PROMPT_WORDS]:
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    return words
+    import numpy as np
+
+    from conceptkit.world import factors
+    from conceptkit.world.captions import caption_scene
+
+    rng = np.random.default_rng(0)
+    words = [*factors.SHAPES, *factors.COLOURS, *factors.PATTERNS, *factors.SIZES, *factors.REGIONS,
+             *factors.BACKGROUND_COLOURS, *factors.BACKGROUND_PATTERNS, *factors.DIRECTIONS, *factors.SPEEDS,
+             *factors.ROTATIONS]
+    for i in range(3000):
+        scene = factors.sample_scene(rng, split="all", clip_frames=9 if i % 3 == 0 else None)
+        words += re.findall(r"[a-z]+", caption_scene(scene, rng).lower())
+    words += PROMPT_WORDS
+    return list(dict.fromkeys(words))
 
 
 def shapes_sd15_modules(seed: int = 0):

@@ -56,7 +56,8 @@ class ConceptTrainingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.backbone.to(self.device)
-        self.data.latents = self.data.latents.to(self.device)
+        if self.data.latents is not None:  # backbone pretraining encodes its latents later
+            self.data.latents = self.data.latents.to(self.device)
 
     def train_dataloader(self):
         total = self.stage.steps * self.stage.accumulate

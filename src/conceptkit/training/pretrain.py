@@ -1,0 +1,247 @@
+"""`conceptkit pretrain backbone=<family>_shapes`: the ShapeWorld toy backbones, from scratch.
+
+Two stages through the same LightningModule as concept training:
+  vae       the autoencoder learns to reconstruct world renders (MSE + a small KL, as LDM's ratio);
+            then the latent scale is measured on the corpus and stored in the VAE config
+            (SD: scaling_factor; Wan: per-channel latents_mean / latents_std)
+  denoiser  the denoiser and the text encoder learn the world's captions on latents encoded once by
+            the frozen VAE; a caption is re-phrased every step (the grammar's rng) and dropped with
+            probability `caption_dropout` so classifier-free guidance works
+The corpus (scenes, renders) is generated once from `seed`; every step's randomness comes from the
+micro-step generator, so the result is reproducible from the command and seed, and resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from conceptkit.backbones.base import LatentDistribution, shipped_weights_folder
+from conceptkit.errors import UserError
+from conceptkit.method import Stage, TrainBatch, TrainingData
+
+
+@dataclass
+class Corpus:
+    scenes: list  # world Scene objects, images first then clips
+    images: torch.Tensor  # (N, 3, 1, H, W) uint8
+    clips: torch.Tensor | None  # (M, 3, F, H, W) uint8, video backbones only
+
+
+def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: int, progress=print) -> Corpus:
+    from conceptkit.world.factors import sample_scene
+    from conceptkit.world.render import render_clip, render_scene
+
+    rng = np.random.default_rng(seed)
+    scenes, image_arrays, clip_arrays = [], [], []
+    started = time.time()
+    for i in range(images):
+        scene = sample_scene(rng, split="pretrain")
+        scenes.append(scene)
+        image_arrays.append(render_scene(scene, resolution))
+        if (i + 1) % 5000 == 0:
+            progress(f"  rendered {i + 1}/{images} images ({time.time() - started:.0f} s)")
+    for i in range(clips):
+        scene = sample_scene(rng, split="pretrain", clip_frames=frames)
+        scenes.append(scene)
+        clip_arrays.append(render_clip(scene, frames, resolution))
+    as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).contiguous()  # noqa: E731
+    image_tensor = torch.from_numpy(np.stack(image_arrays)).permute(0, 3, 1, 2).unsqueeze(2).contiguous()
+    return Corpus(scenes=scenes, images=image_tensor, clips=as_tensor(clip_arrays) if clips else None)
+
+
+def _to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0
+
+
+class BackbonePretraining(nn.Module):
+    """The trainable parts of a toy backbone (registered here, so Lightning checkpoints them) and the
+    two pretraining stages, behind the same stage interface as a ConceptMethod."""
+
+    def __init__(self, backbone, corpus: Corpus, vae: DictConfig, denoiser: DictConfig, clip_fraction: float):
+        super().__init__()
+        self.text_encoder, self.denoiser, self.vae = backbone.text_encoder, backbone.denoiser, backbone.vae
+        self.corpus = corpus
+        self.vae_cfg, self.denoiser_cfg = vae, denoiser
+        self.clip_fraction = clip_fraction if corpus.clips is not None else 0.0
+        self._latents: dict[str, LatentDistribution] = {}
+
+    def stages(self) -> list[Stage]:
+        v, d = self.vae_cfg, self.denoiser_cfg
+        return [Stage("vae", steps=v.steps, lr=v.lr, batch_size=v.batch_size, grad_clip=1.0, weight_decay=0.0),
+                Stage("denoiser", steps=d.steps, lr=d.lr, batch_size=d.batch_size, grad_clip=1.0,
+                      weight_decay=d.weight_decay)]
+
+    def begin_stage(self, stage: Stage, backbone) -> None:
+        self.requires_grad_(False)
+        if stage.name == "vae":
+            self.vae.requires_grad_(True).train()
+            return
+        self.vae.eval()
+        self.text_encoder.requires_grad_(True).train()
+        self.denoiser.requires_grad_(True).train()
+        if not self._latents:
+            self.measure_latent_scale(backbone)
+            # Frozen VAE from here on: encode the whole corpus once.
+            self._latents["images"] = backbone.encode_media(_to_unit(self.corpus.images))
+            if self.corpus.clips is not None:
+                self._latents["clips"] = backbone.encode_media(_to_unit(self.corpus.clips))
+
+    @torch.no_grad()
+    def measure_latent_scale(self, backbone) -> None:
+        """Store the corpus latent statistics in the VAE config, as SD and Wan ship them."""
+        sample = _to_unit(self.corpus.images[:2048] if self.corpus.clips is None else self.corpus.clips[:512])
+        means = torch.cat([self.vae.encode(chunk.to(backbone.device) if backbone.family == "wan21"
+                                           else chunk[:, :, 0].to(backbone.device)).latent_dist.mean.float().cpu()
+                           for chunk in sample.split(64)])
+        if backbone.family == "sd15":
+            self.vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        else:
+            dims = [0, 2, 3, 4]
+            self.vae.register_to_config(latents_mean=means.mean(dim=dims).tolist(), latents_std=means.std(dim=dims).tolist())
+        backbone._set_latent_geometry()
+
+    def param_groups(self, stage: Stage) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def _pool(self, generator: torch.Generator) -> str:
+        if self.clip_fraction and torch.rand((), generator=generator) < self.clip_fraction:
+            return "clips"
+        return "images"
+
+    def training_loss(self, batch: TrainBatch, backbone, stage: Stage) -> dict[str, torch.Tensor]:
+        generator = batch.generator
+        pool = self._pool(generator)
+        source = self.corpus.images if pool == "images" else self.corpus.clips
+        picks = torch.randint(0, source.shape[0], (stage.batch_size,), generator=generator)
+        device = backbone.device
+        if stage.name == "vae":
+            pixels = _to_unit(source[picks]).to(device)
+            x = pixels[:, :, 0] if backbone.family == "sd15" else pixels
+            posterior = self.vae.encode(x).latent_dist
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+            reconstruction = self.vae.decode(posterior.mean + posterior.std * noise).sample
+            mse = F.mse_loss(reconstruction, x)
+            kl = posterior.kl().mean() / x[0].numel()  # LDM weighs a summed KL against a summed pixel loss
+            return {"loss": mse + self.vae_cfg.kl_weight * kl, "mse": mse, "kl": kl}
+        from conceptkit.world.captions import caption_scene
+
+        offset = 0 if pool == "images" else self.corpus.images.shape[0]
+        rng = np.random.default_rng(int(torch.randint(0, 2**31, (), generator=generator)))
+        captions = [caption_scene(self.corpus.scenes[offset + int(i)], rng) for i in picks]
+        drop = torch.rand(len(captions), generator=generator) < self.denoiser_cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        latents = self._latents[pool].sample(picks, generator).to(device)
+        noisy = backbone.make_noisy(latents, generator)
+        context, _ = backbone.encode_text(captions)
+        prediction = backbone.denoise(noisy.noisy, noisy.timesteps, context)
+        return {"loss": F.mse_loss(prediction.float(), noisy.target.float())}
+
+
+def save_backbone(backbone, folder: Path, recipe: dict) -> None:
+    staging = folder.with_name(folder.name + ".writing")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    denoiser_dir = "unet" if backbone.family == "sd15" else "transformer"
+    backbone.tokenizer.save_pretrained(staging / "tokenizer")
+    backbone.text_encoder.save_pretrained(staging / "text_encoder")
+    backbone.denoiser.save_pretrained(staging / denoiser_dir)
+    backbone.vae.save_pretrained(staging / "vae")
+    if backbone.family == "sd15":
+        backbone.train_scheduler.save_pretrained(staging / "scheduler")
+    (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+
+
+def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    import logging
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from safetensors.torch import load_model, save_model
+
+    from conceptkit.training.module import ConceptTrainingModule
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    backbone = instantiate(cfg.backbone, weights="random")
+    if backbone.architecture != "shapes":
+        raise UserError(f"conceptkit pretrain trains the ShapeWorld toy backbones (backbone=sd15_shapes or "
+                        f"wan21_shapes); {backbone.family} architecture={backbone.architecture} is not one")
+    name = f"{backbone.family}_shapes"
+    output = Path(cfg.output) if cfg.output else shipped_weights_folder(name)
+    if output.exists() and not cfg.overwrite:
+        raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists() and not cfg.resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, verbose=False)
+    backbone.load()
+    started = time.time()
+    clips = cfg.corpus.clips if backbone.is_video else 0
+    print(f"rendering the ShapeWorld corpus: {cfg.corpus.images} images, {clips} clips (seed {cfg.seed})", flush=True)
+    corpus = build_corpus(cfg.corpus.images, clips, backbone.default_frames, backbone.resolution, cfg.seed)
+    trainable = BackbonePretraining(backbone, corpus, cfg.vae, cfg.denoiser, cfg.corpus.clip_fraction)
+    data = TrainingData(latents=None, captions=[None] * corpus.images.shape[0],
+                        names=[str(i) for i in range(corpus.images.shape[0])], frames=1)
+    summary = {"seed": cfg.seed, "corpus": OmegaConf.to_container(cfg.corpus), "stages": [],
+               "render_seconds": round(time.time() - started, 1)}
+    for index, stage in enumerate(trainable.stages()):
+        if cfg.trainer.max_steps is not None:
+            stage = Stage(stage.name, int(cfg.trainer.max_steps), stage.lr, stage.batch_size, 1, stage.grad_clip,
+                          stage.weight_decay)
+        done = partial / f"stage{index}_{stage.name}.safetensors"
+        if cfg.resume and done.exists():
+            load_model(trainable, str(done))
+            if stage.name == "vae":
+                trainable.measure_latent_scale(backbone)
+            summary["stages"].append(json.loads(done.with_suffix(".json").read_text()))
+            continue
+        trainable.begin_stage(stage, backbone)
+        module = ConceptTrainingModule(trainable, backbone, data, stage, index, cfg.seed)
+        checkpoint_dir = partial / "checkpoints" / stage.name
+        trainer = L.Trainer(
+            max_steps=stage.steps, max_epochs=1, gradient_clip_val=stage.grad_clip, precision=cfg.trainer.precision,
+            accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
+            callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
+                                       save_last=True, save_top_k=0)],
+            logger=False, enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar,
+            default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1)
+        last = checkpoint_dir / "last.ckpt"
+        stage_start = time.time()
+        with warnings.catch_warnings():
+            # Frozen parts (the VAE while the denoiser trains, and vice versa) stay in eval mode on purpose.
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.exists() else None)
+        if trainer.interrupted or trainer.global_step < stage.steps:
+            raise UserError(f"pretraining stopped in stage {stage.name} at step {trainer.global_step}/{stage.steps}; "
+                            f"rerun with resume=true to continue from {partial}")
+        loss = trainer.callback_metrics.get("loss")
+        record = {"name": stage.name, "steps": stage.steps, "lr": stage.lr, "batch_size": stage.batch_size,
+                  "seconds": round(time.time() - stage_start, 1), "final_loss": None if loss is None else float(loss)}
+        save_model(trainable, str(done))  # handles the text encoder's tied embeddings
+        done.with_suffix(".json").write_text(json.dumps(record))
+        summary["stages"].append(record)
+    summary["seconds"] = round(time.time() - started, 1)
+    summary["device"] = str(backbone.device)
+    summary["command"] = " ".join(["conceptkit pretrain", *(overrides or [])])
+    trainable.requires_grad_(False).eval()
+    save_backbone(backbone, output, {"backbone": name, "recipe": OmegaConf.to_container(cfg, resolve=True),
+                                     "training": summary})
+    if not cfg.trainer.keep_checkpoints:
+        shutil.rmtree(partial, ignore_errors=True)
+    return output
