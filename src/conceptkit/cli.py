@@ -10,6 +10,7 @@ commands:
   train     train a concept:    conceptkit train method=conceptprism backbone=sd15 data.images=<folder> output=<dir>
   compose   render concepts:    conceptkit compose concepts=[<dir>,<dir>] prompt="a photo of {a} and {b}" output=<dir>
   bench     step time / memory: conceptkit bench methods=[lora,conceptprism] backbones=[sd15_tiny]
+            quality on the ShapeWorld: conceptkit bench suite=shapes_subject methods=[textual_inversion,lora,conceptprism]
   pretrain  ShapeWorld toy backbones: conceptkit pretrain backbone=sd15_shapes
   ls        list methods and backbones, and the concepts in a folder: conceptkit ls [folder]
 
@@ -42,9 +43,9 @@ def _run(command: str, overrides: list[str]) -> int:
         print(f"toy backbone written to {output}")
     elif command == "bench":
         cfg = compose("bench", overrides)
-        from conceptkit.bench.speed import run_bench
+        from conceptkit.bench import run_suite
 
-        output = run_bench(cfg)
+        output = run_suite(cfg)
         print(f"results written to {output}")
     return 0
 

@@ -85,16 +85,28 @@ class ComposeSettings:
 
 
 @dataclass
-class BenchSettings:
-    methods: list = dataclasses.field(default_factory=list)
-    backbones: list = dataclasses.field(default_factory=list)
-    steps: int = 10
-    warmup: int = 3
-    device: str = "auto"
-    precision: str = "32"
-    overrides: list = dataclasses.field(default_factory=list)
-    output: str = "outputs/bench"
-    debug: bool = False
+class BenchSettings:  # values live in conf/bench.yaml; this class names the keys
+    suite: str
+    methods: list
+    backbones: list
+    steps: int
+    warmup: int
+    device: str
+    precision: str
+    overrides: list
+    suite_backbone: str
+    concepts: int
+    train_steps: Any
+    train_overrides: list
+    samples_per_prompt: int
+    drift_prompts: int
+    quality_prompts: int
+    sample_steps: int
+    guidance: float
+    seed: int
+    keep_work: bool
+    output: str
+    debug: bool
 
 
 @dataclass

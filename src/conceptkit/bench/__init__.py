@@ -1,0 +1,28 @@
+"""`conceptkit bench`: speed and memory (speed.py), base quality (quality.py), quality suites (suites.py)."""
+
+from __future__ import annotations
+
+from conceptkit.errors import UserError
+
+SUITES = ("speed", "base_quality", "shapes_subject", "shapes_multi", "shapes_motion")
+
+
+def run_suite(cfg):
+    if cfg.suite == "speed":
+        from conceptkit.bench.speed import run_bench
+
+        return run_bench(cfg)
+    if cfg.suite == "base_quality":
+        from conceptkit.bench.quality import run_base_quality
+
+        return run_base_quality(cfg)
+    if cfg.suite == "shapes_subject":
+        from conceptkit.bench.suites import run_subject_suite
+
+        return run_subject_suite(cfg)
+    if cfg.suite in ("shapes_multi", "shapes_motion"):
+        from conceptkit.bench.suites import SUITE_METHODS
+
+        raise UserError(f"suite {cfg.suite} scores {SUITE_METHODS[cfg.suite]}, which this install does not have yet; "
+                        f"its data and metrics are in conceptkit.bench.suites")
+    raise UserError(f"unknown suite {cfg.suite!r}: choose one of {', '.join(SUITES)}")

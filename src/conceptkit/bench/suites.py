@@ -1,0 +1,314 @@
+"""Oracle-scored quality suites on the ShapeWorld (`conceptkit bench suite=...`).
+
+shapes_subject  one held-out object (a shape x colour x pattern the base model never saw together)
+                from 4 reference images on 4 training backgrounds; generate it on backgrounds it was
+                never shown on; the oracle reads every sample back:
+                  concept_fidelity  share of samples showing an object with the concept's shape,
+                                    colour and pattern
+                  prompt_fidelity   share showing the requested background colour
+                  leakage           share showing one of the TRAINING backgrounds instead
+                  diversity         spread (std, image units) of the concept's position over samples
+                  drift             base-model accuracy on concept-free prompts minus the same with
+                                    the concept attached (positive = damage)
+shapes_multi    one image with two held-out objects and a sentence naming both (MCPL's setting);
+                per learned word: word_fidelity (that object alone when prompted alone) and
+                separation (the other object absent then)
+shapes_motion   a subject from an image and a motion from a clip (BiCo's setting): subject_fidelity
+                and motion_fidelity (the oracle's direction) in a composed prompt
+
+Every run is seeded; results.json holds one record per method x concept.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conceptkit.errors import UserError
+
+TRAIN_BACKGROUNDS = (("sky", "plain"), ("grass", "noise"), ("navy", "gradient"), ("pink", "plain"))
+TEST_BACKGROUNDS = ("sand", "teal")
+
+
+@dataclass
+class SubjectCase:
+    name: str  # concept name, e.g. "red_striped_star"
+    combo: tuple[str, str, str]  # shape, colour, pattern
+    folder: Path  # reference renders with caption sidecars
+
+
+def concept_name(combo) -> str:
+    shape, colour, pattern = combo
+    return f"{colour}_{pattern}_{shape}"
+
+
+def write_subject_references(combo, folder: Path, seed: int, resolution: int = 64) -> SubjectCase:
+    """4 renders of the held-out object, one per training background, with world captions."""
+    from PIL import Image
+
+    from conceptkit.world.captions import caption_scene
+    from conceptkit.world.factors import sample_scene
+    from conceptkit.world.render import render_scene
+
+    shape, colour, pattern = combo
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (background, background_pattern) in enumerate(TRAIN_BACKGROUNDS):
+        allowed = {"shape": [shape], "colour": [colour], "pattern": [pattern], "size": ["large"],
+                   "background_colour": [background], "background_pattern": [background_pattern]}
+        scene = sample_scene(rng, n_objects=1, split="heldout", allowed=allowed)
+        Image.fromarray(render_scene(scene, resolution)).save(folder / f"{i}_{background}.png")
+        (folder / f"{i}_{background}.txt").write_text(caption_scene(scene, rng) + "\n")
+    return SubjectCase(name=concept_name(combo), combo=tuple(combo), folder=folder)
+
+
+def subject_prompts(token: str) -> list[tuple[str, str]]:
+    """(prompt, requested background colour): the concept in contexts it was never shown in."""
+    return [(f"{token} on a plain {b} background", b) for b in TEST_BACKGROUNDS] + \
+           [(f"a photo of {token} against a {b} backdrop", b) for b in TEST_BACKGROUNDS]
+
+
+def drift_prompts(seed: int, count: int):
+    """Concept-free single-object prompts with their ground truth (pretrain-split combos)."""
+    from conceptkit.world.captions import describe_object
+    from conceptkit.world.factors import sample_scene
+
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        scene = sample_scene(rng, n_objects=1, split="pretrain", allowed={"background_pattern": ["plain"]})
+        obj = scene.objects[0]
+        cases.append((f"a {describe_object(obj, with_size=True)} on a plain {scene.background.colour} background",
+                      obj, scene.background.colour))
+    return cases
+
+
+def _to_uint8(media: torch.Tensor) -> list[np.ndarray]:
+    """(N, 3, F, H, W) in [0, 1] -> first frames as (H, W, 3) uint8."""
+    return [(m[:, 0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8) for m in media]
+
+
+def score_subject(images: list[np.ndarray], requested: list[str], combo, train_backgrounds) -> dict[str, float]:
+    from conceptkit.world.oracle import read_image
+
+    shape, colour, pattern = combo
+    present, prompt_ok, leaked, centres = [], [], [], []
+    for image, want in zip(images, requested):
+        reading = read_image(image)
+        hits = [o for o in reading.objects if (o.shape, o.colour, o.pattern) == (shape, colour, pattern)]
+        present.append(bool(hits))
+        if hits:
+            centres.append(hits[0].centre)
+        prompt_ok.append(reading.background_colour == want)
+        leaked.append(reading.background_colour in train_backgrounds and reading.background_colour != want)
+    spread = float(np.sqrt(np.var(np.array(centres), axis=0).sum())) if len(centres) > 1 else 0.0
+    return {"concept_fidelity": float(np.mean(present)), "prompt_fidelity": float(np.mean(prompt_ok)),
+            "leakage": float(np.mean(leaked)), "diversity": spread}
+
+
+def drift_accuracy(images: list[np.ndarray], cases) -> float:
+    """Share of concept-free samples whose shape, colour and background all read back right."""
+    from conceptkit.world.oracle import read_image
+
+    right = []
+    for image, (_, obj, background) in zip(images, cases):
+        reading = read_image(image)
+        right.append(reading.background_colour == background and
+                     any((o.shape, o.colour) == (obj.shape, obj.colour) for o in reading.objects))
+    return float(np.mean(right))
+
+
+def _train(method: str, backbone: str, case: SubjectCase, output: Path, steps: int | None, seed: int,
+           extra: list[str]) -> tuple[Path, float]:
+    from conceptkit.config import compose
+    from conceptkit.training.run import train
+
+    overrides = [f"method={method}", f"backbone={backbone}", f"data.images={case.folder}", f"name={case.name}",
+                 f"output={output}", "sample.count=0", "trainer.progress_bar=false", f"seed={seed}", "overwrite=true",
+                 *extra]
+    if steps is not None:
+        overrides.append(f"trainer.max_steps={steps}")
+    if method == "lora":
+        overrides.append(f"method.class_noun={case.combo[0]}")  # DreamBooth's protocol: identifier + class noun
+    started = time.time()
+    folder = train(compose("train", overrides))
+    return folder, time.time() - started
+
+
+def run_subject_suite(cfg) -> Path:
+    from conceptkit.artifact import load_concept
+    from conceptkit.config import compose
+    from conceptkit.media import grid, save_png
+    from conceptkit.registry import method_names
+    from conceptkit.world.factors import HELDOUT_COMBOS
+
+    from hydra.utils import instantiate
+
+    for name in cfg.methods:
+        if name not in method_names():
+            raise UserError(f"methods: unknown method {name!r}; choose from {', '.join(method_names())}")
+    if cfg.concepts > len(HELDOUT_COMBOS):
+        raise UserError(f"concepts: at most {len(HELDOUT_COMBOS)} held-out combinations exist")
+    output = Path(cfg.output)
+    work = output / "work"
+    output.mkdir(parents=True, exist_ok=True)
+    backbone_name = cfg.suite_backbone
+    backbone = instantiate(compose("train", [f"backbone={backbone_name}"]).backbone).load()
+    sample = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
+    cases = [write_subject_references(combo, work / "references" / concept_name(combo), cfg.seed + i,
+                                      backbone.resolution)
+             for i, combo in enumerate(HELDOUT_COMBOS[:cfg.concepts])]
+    drift_cases = drift_prompts(cfg.seed + 1000, cfg.drift_prompts)
+    base_drift = drift_accuracy(_to_uint8(backbone.generate([c[0] for c in drift_cases], seed=cfg.seed, **sample)),
+                                drift_cases)
+    train_backgrounds = {b for b, _ in TRAIN_BACKGROUNDS}
+    records = []
+    total = len(cases) * len(cfg.methods)
+    for number, (case, method_name) in enumerate(((c, m) for c in cases for m in cfg.methods), 1):
+        print(f"[{number}/{total}] {method_name} on {case.name} ...", flush=True)
+        folder, seconds = _train(method_name, backbone_name, case, work / f"{method_name}_{case.name}.concept",
+                                 cfg.train_steps, cfg.seed, list(cfg.train_overrides))
+        method, meta = load_concept(folder, backbone)
+        prompts = subject_prompts(method.prompt("{%s}" % case.name))
+        texts = [p for p, _ in prompts for _ in range(cfg.samples_per_prompt)]
+        wanted = [b for _, b in prompts for _ in range(cfg.samples_per_prompt)]
+        media = torch.cat([backbone.generate(texts[i:i + 8], seed=cfg.seed + i, **sample)
+                           for i in range(0, len(texts), 8)])
+        metrics = score_subject(_to_uint8(media), wanted, case.combo, train_backgrounds)
+        attached = drift_accuracy(_to_uint8(backbone.generate([c[0] for c in drift_cases], seed=cfg.seed, **sample)),
+                                  drift_cases)
+        metrics["drift"] = base_drift - attached
+        method.detach(backbone)
+        grid_name = f"{method_name}_{case.name}.png"
+        save_png(grid(media, columns=cfg.samples_per_prompt), output / grid_name)
+        records.append({"method": method_name, "backbone": backbone_name, "concept": case.name,
+                        **{k: round(v, 4) for k, v in metrics.items()},
+                        "train_seconds": round(seconds, 1), "peak_memory_mb": _peak_rss_mb(), "grid": grid_name,
+                        "prompts": [p for p, _ in prompts]})
+    write_suite_results(output, "shapes_subject", cfg, records,
+                        notes={"base_drift_accuracy": round(base_drift, 4),
+                               "train_backgrounds": sorted(train_backgrounds), "test_backgrounds": list(TEST_BACKGROUNDS)})
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+SUBJECT_METRICS = ("concept_fidelity", "prompt_fidelity", "leakage", "diversity", "drift")
+
+
+def write_suite_results(output: Path, suite: str, cfg, records: list[dict], notes: dict) -> None:
+    results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "settings": {k: cfg[k] for k in ("methods", "suite_backbone", "concepts", "train_steps",
+                                                "samples_per_prompt", "sample_steps", "guidance", "seed")},
+               "notes": notes, "records": records}
+    (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
+    lines = [f"# conceptkit bench: {suite}", "", f"backbone {cfg.suite_backbone}, seed {cfg.seed}, "
+             f"{cfg.train_steps or 'default'} steps per stage; {json.dumps(notes)}", "",
+             "| method | " + " | ".join(SUBJECT_METRICS) + " | concepts | train s |", "|---" * (len(SUBJECT_METRICS) + 3) + "|"]
+    for method in cfg.methods:
+        rows = [r for r in records if r["method"] == method]
+        if not rows:
+            continue
+        means = [np.mean([r[m] for r in rows]) for m in SUBJECT_METRICS]
+        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in means) +
+                     f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
+    lines += ["", "## Per concept", ""]
+    for r in records:
+        lines.append(f"### {r['method']} / {r['concept']}")
+        lines.append(", ".join(f"{m} {r[m]:.3f}" for m in SUBJECT_METRICS))
+        lines.append(f"![{r['method']} {r['concept']}]({r['grid']})  ")
+        lines.append("rows: " + " | ".join(r["prompts"]))
+        lines.append("")
+    (output / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:6 + len(cfg.methods)]))
+
+
+# --- shapes_multi and shapes_motion: data and metrics, ready for the methods that need them -------
+
+SUITE_METHODS = {"shapes_multi": "methods that learn several words from one image (MCPL)",
+                 "shapes_motion": "methods that compose an image subject with a video motion (BiCo)"}
+
+
+def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64) -> tuple[Path, str]:
+    """One image with two held-out objects, and the sentence that marks both: MCPL's input."""
+    from PIL import Image
+
+    from conceptkit.world.factors import HELDOUT_COMBOS, sample_scene
+    from conceptkit.world.render import render_scene
+
+    if any(tuple(c) not in HELDOUT_COMBOS for c in combos) or len(combos) != 2:
+        raise UserError("shapes_multi takes two held-out combinations")
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        scene = sample_scene(rng, n_objects=2, split="heldout", allowed={"size": ["large"]})
+        if sorted(o.combo for o in scene.objects) == sorted(tuple(c) for c in combos):
+            break
+    else:
+        raise UserError(f"no two-object scene with {combos} found; pick other combinations")
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(render_scene(scene, resolution)).save(folder / "pair.png")
+    names = [concept_name(o.combo) for o in scene.objects]
+    sentence = f"a photo of a {{{names[0]}}} and a {{{names[1]}}} on a {scene.background.colour} background"
+    return folder / "pair.png", sentence
+
+
+def score_multi(images_alone: list[np.ndarray], word_combo, other_combo) -> dict[str, float]:
+    """Samples prompted with ONE learned word: that object present (word_fidelity) and the other
+    object absent (separation)."""
+    from conceptkit.world.oracle import read_image
+
+    present, separate = [], []
+    for image in images_alone:
+        found = {(o.shape, o.colour, o.pattern) for o in read_image(image).objects}
+        present.append(tuple(word_combo) in found)
+        separate.append(tuple(other_combo) not in found)
+    return {"word_fidelity": float(np.mean(present)), "separation": float(np.mean(separate))}
+
+
+def write_motion_references(subject_combo, direction: str, folder: Path, seed: int, frames: int = 9,
+                            resolution: int = 64) -> tuple[Path, Path]:
+    """A still image of the held-out subject and a clip of a DIFFERENT (pretrain) object moving in
+    `direction`: BiCo's image-subject + video-motion composition."""
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from conceptkit.world.factors import sample_scene
+    from conceptkit.world.render import render_clip, render_scene
+
+    shape, colour, pattern = subject_combo
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    subject = sample_scene(rng, n_objects=1, split="heldout", allowed={
+        "shape": [shape], "colour": [colour], "pattern": [pattern], "size": ["large"]})
+    Image.fromarray(render_scene(subject, resolution)).save(folder / "subject.png")
+    mover = sample_scene(rng, n_objects=1, split="pretrain", clip_frames=frames,
+                         allowed={"direction": [direction], "speed": ["fast"], "rotation": ["none"]})
+    clip = render_clip(mover, frames, resolution)
+    iio.imwrite(folder / "motion.mp4", clip, fps=8, codec="libx264", macro_block_size=1)
+    return folder / "subject.png", folder / "motion.mp4"
+
+
+def score_motion(clips: list[np.ndarray], subject_combo, direction: str) -> dict[str, float]:
+    """Composed samples: the subject present (subject_fidelity) and moving in the learned direction
+    (motion_fidelity, the subject's own track)."""
+    from conceptkit.world.oracle import read_clip
+
+    subject, moving = [], []
+    for frames in clips:
+        reading = read_clip(frames)
+        hits = [i for i, o in enumerate(reading.objects) if (o.shape, o.colour, o.pattern) == tuple(subject_combo)]
+        subject.append(bool(hits))
+        moving.append(any(reading.motions[i].direction == direction for i in hits))
+    return {"subject_fidelity": float(np.mean(subject)), "motion_fidelity": float(np.mean(moving))}

@@ -1,0 +1,118 @@
+"""Quality suites: their data and metrics, checked on ground-truth renders (where the right answer is
+known), and the full shapes_subject pipeline on the tiny backbone (fast; no quality expected)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+def test_subject_references_and_metrics_on_ground_truth(tmp_path):
+    from PIL import Image
+
+    from conceptkit.bench.suites import TRAIN_BACKGROUNDS, score_subject, write_subject_references
+    from conceptkit.world.factors import sample_scene
+    from conceptkit.world.render import render_scene
+
+    case = write_subject_references(("star", "red", "striped"), tmp_path / "ref", seed=0)
+    files = sorted(case.folder.glob("*.png"))
+    assert len(files) == 4 and all(f.with_suffix(".txt").read_text().strip() for f in files)
+    assert case.name == "red_striped_star"
+    # ground truth: the concept on the requested background scores perfect fidelity, no leakage
+    rng = np.random.default_rng(5)
+    images, wanted = [], []
+    for background in ("sand", "teal", "sand", "teal"):
+        scene = sample_scene(rng, n_objects=1, split="heldout", allowed={
+            "shape": ["star"], "colour": ["red"], "pattern": ["striped"], "background_colour": [background],
+            "background_pattern": ["plain"]})
+        images.append(render_scene(scene))
+        wanted.append(background)
+    train = {b for b, _ in TRAIN_BACKGROUNDS}
+    scores = score_subject(images, wanted, ("star", "red", "striped"), train)
+    assert scores["concept_fidelity"] == 1.0 and scores["prompt_fidelity"] == 1.0 and scores["leakage"] == 0.0
+    assert scores["diversity"] > 0
+    # a training image shown for a test prompt is leakage, and a wrong object is no fidelity
+    leaked = [np.asarray(Image.open(files[0]))] * 2
+    scores = score_subject(leaked, ["sand", "teal"], ("circle", "blue", "dotted"), train)
+    assert scores["leakage"] == 1.0 and scores["concept_fidelity"] == 0.0 and scores["prompt_fidelity"] == 0.0
+
+
+def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from conceptkit.bench.suites import score_motion, score_multi, write_motion_references, write_multi_reference
+
+    image_path, sentence = write_multi_reference([("star", "red", "striped"), ("circle", "blue", "dotted")],
+                                                 tmp_path / "multi", seed=0)
+    assert "{red_striped_star}" in sentence and "{blue_dotted_circle}" in sentence
+    pair = np.asarray(Image.open(image_path))
+    # the two-object image itself: each word present, but not separated
+    assert score_multi([pair], ("star", "red", "striped"), ("circle", "blue", "dotted")) == {
+        "word_fidelity": 1.0, "separation": 0.0}
+    still, clip_path = write_motion_references(("heart", "green", "checkered"), "left", tmp_path / "motion", seed=0)
+    clip = iio.imread(clip_path, index=None)
+    mover = score_motion([clip], ("heart", "green", "checkered"), "left")
+    assert mover == {"subject_fidelity": 0.0, "motion_fidelity": 0.0}  # the clip shows another object
+    from conceptkit.world.factors import sample_scene
+    from conceptkit.world.render import render_clip
+
+    rng = np.random.default_rng(3)
+    scene = sample_scene(rng, n_objects=1, split="heldout", clip_frames=9, allowed={
+        "shape": ["heart"], "colour": ["green"], "pattern": ["checkered"], "direction": ["left"], "speed": ["fast"],
+        "rotation": ["none"]})
+    assert score_motion([render_clip(scene, 9)], ("heart", "green", "checkered"), "left") == {
+        "subject_fidelity": 1.0, "motion_fidelity": 1.0}
+
+
+def test_shapes_subject_runs_end_to_end_on_a_tiny_backbone(tmp_path):
+    from conceptkit.bench import run_suite
+    from conceptkit.config import compose
+
+    cfg = compose("bench", ["suite=shapes_subject", "methods=[textual_inversion,conceptprism]",
+                            "suite_backbone=sd15_tiny", "concepts=1", "train_steps=2", "samples_per_prompt=1",
+                            "sample_steps=2", "drift_prompts=2", f"output={tmp_path}",
+                            "train_overrides=['trainer.accumulate=1']"])
+    run_suite(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["concept"]) for r in results["records"]] == [
+        ("textual_inversion", "red_striped_star"), ("conceptprism", "red_striped_star")]
+    for record in results["records"]:
+        for metric in ("concept_fidelity", "prompt_fidelity", "leakage", "diversity", "drift"):
+            assert isinstance(record[metric], float)
+        assert (tmp_path / record["grid"]).is_file()
+    assert "| conceptprism |" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "work").exists()
+
+
+def test_unready_suites_say_why():
+    from conceptkit.bench import run_suite
+    from conceptkit.config import compose
+    from conceptkit.errors import UserError
+
+    with pytest.raises(UserError, match="MCPL"):
+        run_suite(compose("bench", ["suite=shapes_multi"]))
+
+
+@pytest.mark.parametrize("backbone", ["sd15_tiny", "wan21_tiny"])
+def test_base_quality_runs_and_scores_ground_truth(tmp_path, backbone):
+    import torch
+
+    from conceptkit.bench import run_suite
+    from conceptkit.bench.quality import quality_cases, score_sample
+    from conceptkit.config import compose
+    from conceptkit.world.render import render_clip, render_scene
+
+    cfg = compose("bench", ["suite=base_quality", f"suite_backbone={backbone}", "quality_prompts=2",
+                            "sample_steps=2", f"output={tmp_path}"])
+    run_suite(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(results) == {"pretrain", "heldout"} and results["pretrain"]["samples"] == 2
+    # the scorer gives full marks to the world's own renders of the prompted scene
+    frames = 9 if backbone == "wan21_tiny" else None
+    for caption, scene in quality_cases("heldout", 3, seed=1, clip_frames=frames):
+        pixels = render_clip(scene, 9) if frames else render_scene(scene)[None]
+        media = torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 255
+        assert all(score_sample(media, scene).values()), caption
