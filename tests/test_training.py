@@ -94,7 +94,7 @@ def test_main_job_trains_the_embedded_default_and_compose_renders_it(tmp_path):
     assert [s["name"] for s in meta["training"]["stages"]] == ["tokens", "lora"]
     assert [s["steps"] for s in meta["training"]["stages"]] == [200, 200]
     assert len(meta["training"]["images"]) == 4 and meta["method"] == "conceptprism"
-    assert len(list((concept / "samples").glob("*.png"))) == 2
+    assert len(list((concept / "samples").glob("*.png"))) == 3  # the three default sample prompts
     done = subprocess.run([sys.executable, "-m", "conceptkit.cli", "compose", f"concepts=[{concept}]", "count=2"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -114,5 +114,5 @@ def test_previews_are_written_during_training(tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "p.concept.partial" / "previews" / previews[0]) as image:
-        # two sample prompts, each a row of 5 frames (a video backbone's frame strip)
-        assert image.size == (5 * 32, 2 * 32)
+        # three sample prompts, each a row of 5 frames (a video backbone's frame strip)
+        assert image.size == (5 * 32, 3 * 32)

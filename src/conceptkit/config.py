@@ -42,6 +42,7 @@ class TrainerSettings:
 
 @dataclass
 class SampleSettings:
+    prompts: Any = None
     count: int = 1
     steps: int = 25
     guidance: float = 7.5

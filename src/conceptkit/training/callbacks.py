@@ -14,10 +14,10 @@ class PreviewCallback(L.Callback):
     for video) under `<output>.partial/previews/`. Sampling uses its own seeded generator, so it
     never changes the training trajectory."""
 
-    def __init__(self, method, backbone, folder: Path, every: int, stage_name: str, sample_cfg):
+    def __init__(self, method, backbone, folder: Path, every: int, stage_name: str, sample_cfg, texts: list[str]):
         self.method, self.backbone = method, backbone
         self.folder, self.every, self.stage_name = Path(folder), every, stage_name
-        self.sample_cfg = sample_cfg
+        self.sample_cfg, self.texts = sample_cfg, texts
         self._last = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -25,7 +25,7 @@ class PreviewCallback(L.Callback):
         if step == self._last or step % self.every != 0 or step == 0:
             return
         self._last = step
-        prompts = [self.method.prompt(p) for p in self.method.sample_prompts()]
+        prompts = [self.method.prompt(p) for p in self.texts]
         media = self.backbone.generate(prompts, negative_prompt=self.sample_cfg.negative_prompt,
                                        steps=self.sample_cfg.steps, guidance=self.sample_cfg.guidance,
                                        seed=self.sample_cfg.seed, scheduler=self.sample_cfg.scheduler)

@@ -44,6 +44,13 @@ def stage_with_overrides(stage, trainer_cfg):
     return replace(stage, **changes)
 
 
+def sample_texts(cfg: DictConfig, method) -> list[str]:
+    """Sample/preview prompts: `sample.prompts` with {name} standing for this concept, else the method's."""
+    if cfg.sample.prompts:
+        return [p.replace("{name}", "{%s}" % method.concept_name) for p in cfg.sample.prompts]
+    return method.sample_prompts()
+
+
 def default_output(cfg: DictConfig) -> Path:
     return Path(cfg.output) if cfg.get("output") else Path("outputs") / f"{cfg.name}.concept"
 
@@ -110,7 +117,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         stage_callbacks = [checkpointing, *(callbacks or [])]
         if cfg.trainer.preview_every:
             stage_callbacks.append(PreviewCallback(method, backbone, partial / "previews", cfg.trainer.preview_every,
-                                                   stage.name, cfg.sample))
+                                                   stage.name, cfg.sample, sample_texts(cfg, method)))
         trainer = L.Trainer(
             max_steps=stage.steps, accumulate_grad_batches=stage.accumulate, gradient_clip_val=stage.grad_clip,
             precision=cfg.trainer.precision, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
@@ -139,14 +146,15 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         summary["stages"].append(record)
     summary["seconds"] = round(time.time() - started, 2)
 
-    prompts = [method.prompt(p) for p in method.sample_prompts()]
+    texts = sample_texts(cfg, method)
+    prompts = [method.prompt(p) for p in texts]
     samples = None
     if cfg.sample.count > 0:
         samples = backbone.generate(prompts * cfg.sample.count, negative_prompt=cfg.sample.negative_prompt,
                                     steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
                                     scheduler=cfg.sample.scheduler)
     write_concept(output, method, backbone, OmegaConf.to_yaml(cfg, resolve=True), summary, samples,
-                  method.sample_prompts() * cfg.sample.count, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite)
+                  texts * cfg.sample.count, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite)
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(partial, ignore_errors=True)
     return output
