@@ -21,18 +21,12 @@ def test_lora_prior_preservation_batches_instance_and_class():
     method.attach(backbone)
     stage = method.stages()[0]
     method.begin_stage(stage, backbone)
-    calls = []
-    original = backbone.denoise
+    from test_conceptprism import DenoiserCalls
 
-    def counting(noisy, timesteps, context):
-        calls.append((noisy, timesteps, context))
-        return original(noisy, timesteps, context)
-
-    backbone.denoise = counting  # test-only instrumentation
-    try:
-        out = method.training_loss(TrainBatch(torch.tensor([0]), data, torch.Generator().manual_seed(0)), backbone, stage)
-    finally:
-        del backbone.denoise
+    counter = DenoiserCalls(backbone)
+    out = method.training_loss(TrainBatch(torch.tensor([0]), data, torch.Generator().manual_seed(0)), backbone, stage)
+    counter.remove()
+    calls = counter.calls
     assert len(calls) == 1 and calls[0][0].shape[0] == 2  # instance + class row in one call
     with torch.no_grad():
         expected_context = torch.cat([backbone.encode_text(["a photo of sks mug"])[0],

@@ -38,14 +38,14 @@ def test_bad_inputs_give_one_clear_line(tmp_path: Path):
     empty = tmp_path / "empty"
     empty.mkdir()
     _assert_one_line_error(run_cli("train", f"data.images={empty}", f"output={tmp_path}/a"), "data.images", "no images")
-    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     Image.new("RGB", (40, 40)).save(corrupt / "good.png")
     (corrupt / "bad.png").write_bytes(b"not a png at all")
     _assert_one_line_error(run_cli("train", f"data.images={corrupt}", f"output={tmp_path}/b"), "bad.png")
-    assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 
     single = tmp_path / "single"
     single.mkdir()
@@ -58,6 +58,7 @@ def test_bad_inputs_give_one_clear_line(tmp_path: Path):
     _assert_one_line_error(run_cli("train", "backbone=sdxl"), "unknown backbone", "sd15_tiny")
     _assert_one_line_error(run_cli("train", "trainer.max_stepz=3"), "max_stepz")
     _assert_one_line_error(run_cli("bogus"), "unknown command")
+    _assert_one_line_error(run_cli("train", "name=my-dog"), "name=", "letter")
     _assert_one_line_error(run_cli("compose", f"concepts=[{tmp_path}/nothing]"), "not a concept folder")
 
 
@@ -82,3 +83,15 @@ def test_concept_from_the_other_family_is_refused(tmp_path: Path):
         load_concept(tmp_path / "vid.concept", make_backbone("sd15_tiny"))
     listing = run_cli("ls", str(tmp_path)).stdout
     assert "img.concept: {img} method=textual_inversion backbone=sd15" in listing
+
+
+def test_concepts_that_render_alike_are_refused(tmp_path: Path):
+    common = ["experiment=smoke", "sample.count=0", "method=lora"]
+    for name in ("mug", "cup"):
+        assert run_cli("train", *common, f"name={name}", f"output={tmp_path}/{name}.concept").returncode == 0
+    done = run_cli("compose", f"concepts=[{tmp_path}/mug.concept,{tmp_path}/cup.concept]", f"output={tmp_path}/out")
+    _assert_one_line_error(done, "both render as 'sks object'", "method.identifier")
+    assert run_cli("train", *common, "name=tea", "method.identifier=zwx", f"output={tmp_path}/tea.concept").returncode == 0
+    done = run_cli("compose", f"concepts=[{tmp_path}/mug.concept,{tmp_path}/tea.concept]", "count=1", "steps=2",
+                   f"output={tmp_path}/out")
+    assert done.returncode == 0, done.stderr

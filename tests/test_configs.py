@@ -32,6 +32,8 @@ def test_other_groups_and_commands_compose():
         compose("train", [f"experiment={experiment}"])
     compose("compose", ["concepts=[a,b]", "prompt=x"])
     compose("bench", ["methods=[lora]"])
+    for backbone in ("sd15_shapes", "wan21_shapes"):
+        compose("pretrain", [f"backbone={backbone}"])
     assert (conf_dir() / "train.yaml").is_file()
 
 

@@ -28,5 +28,5 @@ def test_wheel_ships_configs_methods_and_examples(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0].startswith(str(target)) and lines[1].startswith(str(target))
     assert lines[2] == "['conceptprism', 'lora', 'textual_inversion']"
-    assert "0_grass.png" in lines[3]
+    assert "0_sky.png" in lines[3]
     assert lines[4] == "conceptkit.methods.lora.DreamBoothLoRA"

@@ -51,6 +51,18 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(fresh[k], reference[k]) for k in reference)
 
 
+def test_resume_refuses_a_changed_config(tmp_path):
+    from conceptkit.errors import UserError
+    from conceptkit.training.run import train
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_cfg(tmp_path, "x.concept"), callbacks=[CrashAt("tokens", 1)])
+    with pytest.raises(UserError, match="method"):
+        train(_cfg(tmp_path, "x.concept", "resume=true", "method.beta=0.5"))
+    # cosmetic keys may change
+    train(_cfg(tmp_path, "x.concept", "resume=true", "trainer.progress_bar=true"))
+
+
 def _count_forward_calls(module_type_name, fn):
     calls = []
 

@@ -184,7 +184,7 @@ class ConceptPrism(ConceptMethod):
         # The inference parts only: the target token (textual-inversion format) and the LoRA.
         files = {"learned_embeds.safetensors": {self.target_token: self.target.detach().cpu().contiguous()}}
         if self.lora_steps > 0:
-            files["pytorch_lora_weights.safetensors"] = diffusers_lora_state_dict(backbone, owner_id(self.concept_name))
+            files["pytorch_lora_weights.safetensors"] = diffusers_lora_state_dict(backbone, owner_id(self.concept_name), self.lora_rank, self.lora_alpha)
         return files
 
     def prompt(self, text: str) -> str:

@@ -77,7 +77,7 @@ class DreamBoothLoRA(ConceptMethod):
 
     def attach(self, backbone) -> None:
         attach_lora(self.lora, backbone, owner_id(self.concept_name), self.rank, self.alpha,
-                    self.target_modules, init=True)
+                    self.target_modules, init="gaussian")  # as diffusers' train_dreambooth_lora
 
     def detach(self, backbone) -> None:
         backbone.remove_lora(owner_id(self.concept_name))
@@ -114,7 +114,7 @@ class DreamBoothLoRA(ConceptMethod):
         return {"loss": instance + self.prior_loss_weight * prior, "instance": instance, "prior": prior}
 
     def interop_files(self, backbone):
-        return {"pytorch_lora_weights.safetensors": diffusers_lora_state_dict(backbone, owner_id(self.concept_name))}
+        return {"pytorch_lora_weights.safetensors": diffusers_lora_state_dict(backbone, owner_id(self.concept_name), self.rank, self.alpha)}
 
     def prompt(self, text: str) -> str:
         return text.replace("{%s}" % self.concept_name, self.phrase)

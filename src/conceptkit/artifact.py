@@ -97,10 +97,17 @@ def backbone_from_meta(meta: dict[str, Any]):
     return backbone_class(info["family"])(**info["config"])
 
 
-def build_method(meta: dict[str, Any]):
+def build_method(meta: dict[str, Any], where: str = "concept"):
     cls = method_class(meta["method"])
-    method = cls(concept_name=meta["name"], **meta["hparams"])
-    method.import_info(meta.get("method_info", {}))
+    if int(meta.get("method_version", cls.version)) > int(cls.version):
+        raise UserError(f"{where} was made by {meta['method']} version {meta['method_version']}, newer than this "
+                        f"conceptkit's ({cls.version}); upgrade conceptkit")
+    try:
+        method = cls(concept_name=meta["name"], **meta["hparams"])
+        method.import_info(meta.get("method_info", {}))
+    except (TypeError, KeyError, ValueError) as error:
+        raise UserError(f"{where}: its {meta['method']} settings do not fit this conceptkit ({error}); "
+                        f"the concept folder is damaged or from another version") from None
     return method
 
 
@@ -119,7 +126,7 @@ def load_concept(folder: Path, backbone):
         tensors = load_file(str(folder / "weights.safetensors"))
     except (SafetensorError, OSError) as error:
         raise UserError(f"{folder}/weights.safetensors cannot be read ({error}); the concept folder is damaged") from None
-    method = build_method(meta)
+    method = build_method(meta, str(folder))
     method.attach(backbone)
     expected = method.state_dict()
     problem = None

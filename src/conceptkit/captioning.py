@@ -22,9 +22,11 @@ def caption_images(images: list, model: str, instruction: str = DEFAULT_INSTRUCT
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         processor = AutoProcessor.from_pretrained(model)
-        network = AutoModelForImageTextToText.from_pretrained(model).eval()
+        network = AutoModelForImageTextToText.from_pretrained(
+            model, torch_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"data.captioner: cannot load captioning model {model!r} ({type(error).__name__}); "
                         f"point it at a local folder or set data.captioner=null") from None
@@ -36,7 +38,7 @@ def caption_images(images: list, model: str, instruction: str = DEFAULT_INSTRUCT
             text = processor.apply_chat_template(messages, add_generation_prompt=True)
         else:
             text = ""  # plain captioners caption best unprompted
-        inputs = processor(images=image, text=text, return_tensors="pt")
+        inputs = processor(images=image, text=text, return_tensors="pt").to(device)
         with torch.no_grad():
             generated = network.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         prompt_length = inputs["input_ids"].shape[1] if chat and "input_ids" in inputs else 0

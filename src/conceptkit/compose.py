@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from conceptkit.embeddings import owner_id
 from conceptkit.errors import UserError
 
 
@@ -17,18 +19,44 @@ def check_shared_backbone(metas: list[dict], folders: list[Path]) -> None:
     if len(families) > 1:
         listing = ", ".join(f"{f} ({m['backbone']['family']})" for f, m in zip(folders, metas))
         raise UserError(f"these concepts cannot share a backbone: {listing}; compose concepts of one backbone family")
+    architectures = {m["backbone"].get("config", {}).get("architecture", "full") for m in metas}
+    if len(architectures) > 1:
+        raise UserError(f"these concepts were trained on different {families.pop()} sizes ({', '.join(sorted(architectures))}); "
+                        f"compose concepts of one backbone")
     ids = {m["backbone"]["id"] for m in metas}
     if len(ids) > 1:
-        raise UserError(f"these concepts were trained on different backbones ({', '.join(sorted(ids))}); "
-                        f"compose concepts trained on the same weights")
-    names = [m["name"] for m in metas]
-    duplicates = {n for n in names if names.count(n) > 1}
+        # Same architecture, other weights (a fine-tune, or one model by hub id and by path): allowed.
+        warnings.warn(f"concepts trained on different weights of one architecture ({', '.join(sorted(ids))}); "
+                      f"rendering with the first concept's backbone", stacklevel=2)
+    owners = [owner_id(m["name"]) for m in metas]
+    duplicates = {m["name"] for m, o in zip(metas, owners) if owners.count(o) > 1}
     if duplicates:
-        raise UserError(f"several concepts are named {', '.join(sorted(duplicates))}; retrain one with another name=")
+        raise UserError(f"several concepts are named {', '.join(sorted(duplicates))} (or differ only in - and _); "
+                        f"retrain one with another name=")
+
+
+def compose_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def default_prompt(names: list[str]) -> str:
     return "a photo of " + " and ".join("{%s}" % n for n in names)
+
+
+def check_distinct_phrases(methods: list) -> None:
+    """Two concepts that expand to the same words (two DreamBooth concepts both `sks object`, say)
+    cannot be told apart in a prompt."""
+    phrases = {}
+    for method in methods:
+        phrase = method.prompt("{%s}" % method.concept_name)
+        if phrase in phrases:
+            raise UserError(f"concepts {phrases[phrase]} and {method.concept_name} both render as {phrase!r}; "
+                            f"retrain one with another identifier (e.g. method.identifier=...)")
+        phrases[phrase] = method.concept_name
 
 
 def render_prompt(prompt: str, methods: list) -> str:
@@ -57,8 +85,9 @@ def compose(cfg: DictConfig) -> Path:
     meta = dict(metas[0])
     if cfg.backbone_path:
         meta["backbone"] = {**meta["backbone"], "config": {**meta["backbone"]["config"], "path": cfg.backbone_path}}
-    backbone = backbone_from_meta(meta).load()
+    backbone = backbone_from_meta(meta).load().to(compose_device(cfg.device))
     methods = [load_concept(folder, backbone)[0] for folder in folders]
+    check_distinct_phrases(methods)
     for method in methods:
         method.eval()
     text = cfg.prompt or default_prompt([m.concept_name for m in methods])

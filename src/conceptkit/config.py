@@ -45,7 +45,7 @@ class SampleSettings:
     prompts: Any = None
     count: int = 1
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float | None = None
     seed: int = 0
     scheduler: str | None = None
     negative_prompt: str = ""
@@ -74,12 +74,13 @@ class ComposeSettings:
     output: str | None = None
     count: int = 4
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float | None = None
     seed: int = 0
     scheduler: str | None = None
     height: int | None = None
     width: int | None = None
     frames: int | None = None
+    device: str = "auto"
     backbone_path: str | None = None
     overwrite: bool = False
     debug: bool = False
@@ -103,7 +104,7 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
     drift_prompts: int
     quality_prompts: int
     sample_steps: int
-    guidance: float
+    guidance: float | None
     seed: int
     keep_work: bool
     output: str

@@ -70,12 +70,12 @@ def _fit(image, resolution: int) -> np.ndarray:
 
 
 def _read_image(path: Path, resolution: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            return _fit(image, resolution)[None]
+            return _fit(ImageOps.exif_transpose(image), resolution)[None]  # phone photos: honour EXIF rotation
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UserError(f"data.images: cannot read image {path} ({error}); fix or remove that file") from None
 

@@ -15,11 +15,21 @@ def owner_id(concept_name: str) -> str:
     return "ck_" + re.sub(r"[^0-9A-Za-z_]", "_", concept_name)
 
 
+@torch.no_grad()
 def vocabulary_statistics_init(backbone, n: int, generator: torch.Generator) -> torch.Tensor:
-    """N(mean, std) per dimension of the input-embedding matrix: ConceptPrism's 'information vacuum'."""
-    matrix = backbone.text_embedding_matrix().detach().float().cpu()
-    mean, std = matrix.mean(dim=0), matrix.std(dim=0)
-    return torch.randn((n, matrix.shape[1]), generator=generator) * std + mean
+    """N(mean, std) per dimension of the input-embedding matrix: ConceptPrism's 'information vacuum'.
+    Accumulated in chunks (float64), so a 256k-row UMT5 matrix is never copied whole to float32."""
+    matrix = backbone.text_embedding_matrix().detach()
+    total = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    squares = torch.zeros_like(total)
+    for chunk in matrix.split(16384):
+        chunk = chunk.double()
+        total += chunk.sum(dim=0)
+        squares += (chunk * chunk).sum(dim=0)
+    rows = matrix.shape[0]
+    mean = total / rows
+    std = ((squares - rows * mean * mean) / (rows - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
+    return (torch.randn((n, matrix.shape[1]), generator=generator, dtype=torch.float64) * std.cpu() + mean.cpu()).float()
 
 
 def word_init(backbone, word: str, n: int) -> torch.Tensor:
@@ -27,8 +37,9 @@ def word_init(backbone, word: str, n: int) -> torch.Tensor:
     ids = backbone.tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
         raise UserError(f"init word {word!r} gives no tokens; pick another method init word")
-    matrix = backbone.text_embedding_matrix().detach().float().cpu()
-    return matrix[torch.tensor(ids)].mean(dim=0, keepdim=True).repeat(n, 1)
+    matrix = backbone.text_embedding_matrix().detach()
+    rows = matrix[torch.tensor(ids, device=matrix.device)].float().cpu()
+    return rows.mean(dim=0, keepdim=True).repeat(n, 1)
 
 
 @torch.no_grad()
@@ -56,10 +67,16 @@ def attach_lora(store: nn.ModuleDict, backbone, owner: str, rank: int, alpha: fl
         store[key] = pair
 
 
-def diffusers_lora_state_dict(backbone, owner: str) -> dict[str, torch.Tensor]:
+def diffusers_lora_state_dict(backbone, owner: str, rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """The adapter `owner` in diffusers' LoRA file layout (`unet.<module>.lora_A.weight`, or
-    `transformer.` for Wan), as `load_lora_weights` / `load_lora_adapter` read it."""
+    `transformer.` for Wan), as `load_lora_weights` / `load_lora_adapter` read it. Those loaders
+    assume alpha = rank without metadata, so the alpha / rank scale is folded into lora_B."""
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(backbone.denoiser, adapter_name=owner)
-    return {f"{backbone.lora_prefix}.{key}": value.detach().cpu().contiguous() for key, value in state.items()}
+    scale = alpha / rank
+    out = {}
+    for key, value in state.items():
+        value = value.detach().float().cpu()
+        out[f"{backbone.lora_prefix}.{key}"] = (value * scale if ".lora_B." in key else value).contiguous()
+    return out

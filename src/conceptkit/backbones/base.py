@@ -58,6 +58,8 @@ class Backbone:
     family: ClassVar[str]
     default_frames: int = 1
     is_video: ClassVar[bool] = False
+    vae_in_float32: ClassVar[bool] = False
+    default_guidance: ClassVar[float] = 7.5
 
     ARCHITECTURES: ClassVar[tuple[str, ...]] = ("full", "shapes", "tiny")
     RESOLUTIONS: ClassVar[dict[str, int]]  # default resolution per architecture
@@ -99,20 +101,26 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype_name]
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """Wan keeps its VAE in float32 whatever the other parts use (as WanPipeline does)."""
+        return torch.float32 if self.vae_in_float32 else self.dtype
+
     # loading ----------------------------------------------------------------------------------
     def load(self) -> "Backbone":
         if self.loaded:
             return self
         if self.weights == "random":
-            torch.manual_seed(self.seed)
-            self._build_random_modules()
+            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+                torch.manual_seed(self.seed)
+                self._build_random_modules()
         else:
             self._load_pretrained_modules(self._source())
         for module in self.frozen_modules():
             module.requires_grad_(False)
             module.eval()
-            if self.dtype != torch.float32 and self.weights != "pretrained":
-                module.to(dtype=self.dtype)  # pretrained weights are loaded in `dtype` directly
+            if self.weights != "pretrained":  # pretrained weights are loaded in their dtype directly
+                module.to(dtype=self.vae_dtype if module is self.vae else self.dtype)
         self.tokens = TokenTable(self.tokenizer, self.input_embedding(),
                                  self.max_text_tokens, has_bos=self._tokenizer_has_bos())
         self._sites = self._install_attention_processors()
@@ -188,7 +196,8 @@ class Backbone:
         for name, module in self.denoiser.named_modules():
             if isinstance(module, BaseTunerLayer) and owner in module.lora_A:
                 pair = nn.ModuleDict({"lora_A": module.lora_A[owner], "lora_B": module.lora_B[owner]})
-                found[name] = pair.to(device=self.device)
+                # Trainable weights stay float32 even on a bf16/fp16 backbone (PEFT casts inputs).
+                found[name] = pair.to(device=self.device, dtype=torch.float32)
         return found
 
     def remove_lora(self, owner: str) -> None:
@@ -218,11 +227,12 @@ class Backbone:
 
     # sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: list[str], negative_prompt: str = "", steps: int = 25, guidance: float = 7.5,
+    def generate(self, prompts: list[str], negative_prompt: str = "", steps: int = 25, guidance: float | None = None,
                  seed: int = 0, scheduler: str | None = None, height: int | None = None, width: int | None = None,
                  frames: int | None = None) -> torch.Tensor:
         """Returns media in [0, 1], shape (N, 3, F, H, W). Classifier-free guidance runs the
         unconditional and conditional rows as one batched denoiser call per step."""
+        guidance = self.default_guidance if guidance is None else guidance
         height = height or self.resolution
         width = width or self.resolution
         frames = frames or self.default_frames

@@ -96,7 +96,7 @@ class SD15Backbone(Backbone):
 
     def _install_attention_processors(self) -> list[AttentionSite]:
         sites, processors = [], {}
-        names = list(self.denoiser.attn_processors)  # forward order of the UNet
+        names = list(self.denoiser.attn_processors)  # registration order: down blocks, up blocks, then mid
         for index, name in enumerate(names):
             module = self.denoiser.get_submodule(name.rsplit(".processor", 1)[0])
             kind = "cross" if module.is_cross_attention else "self"

@@ -34,7 +34,10 @@ def shapes_words() -> list[str]:
 
 
 def shapes_sd15_modules(seed: int = 0):
-    """SD1.5 classes at ShapeWorld size: 64 px images, VAE factor 8 -> 8x8x4 latents."""
+    """SD1.5 classes at ShapeWorld size: 64 px images, VAE factor 8 -> 8x8x16 latents.
+
+    16 latent channels, not SD's 4: with 4, a VAE of this size reconstructed world renders that the
+    oracle read at 40 % shape accuracy after 1500 steps (blobs); the 8x8 grid keeps the UNet cheap."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -45,13 +48,13 @@ def shapes_sd15_modules(seed: int = 0):
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
+        sample_size=8, in_channels=16, out_channels=16, block_out_channels=(64, 128), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(16, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
     return tokenizer, text_encoder, unet, vae
 

@@ -2,7 +2,8 @@
 
 Images train as one-frame videos. Training follows rectified flow: x_t = (1 - s) x_0 + s * eps,
 target = eps - x_0, with s drawn uniformly and shifted (shift 5 as in DiffSynth's Wan training,
-which the BiCo code uses); sampling defaults to UniPC with flow shift 3 (Wan's 480p default).
+which the BiCo code uses; DiffSynth's Gaussian-bump loss weighting over timesteps is not applied);
+sampling defaults to UniPC with flow shift 3 and CFG 5 (Wan's 480p defaults).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Wan21Backbone(Backbone):
     lora_prefix = "transformer"  # diffusers' LoRA file key prefix for this denoiser
     RESOLUTIONS = {"full": 480, "shapes": 64, "tiny": 32}
     is_video = True
+    vae_in_float32 = True
+    default_guidance = 5.0  # Wan2.1's own default
 
     def __init__(self, *, architecture: str = "full", weights: str = "pretrained",
                  pretrained: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -80,7 +83,7 @@ class Wan21Backbone(Backbone):
             self.tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
             self.text_encoder = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", **model_kw)
             self.denoiser = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", **model_kw)
-            self.vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", **model_kw)
+            self.vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", **kw, torch_dtype=torch.float32)
         except (OSError, ValueError) as error:
             raise self._missing_weights(error) from None
         self._set_latent_geometry()
@@ -129,7 +132,7 @@ class Wan21Backbone(Backbone):
         mean, std = self.latents_mean.to(self.device), self.latents_std.to(self.device)
         with torch.no_grad():
             for chunk in pixels.split(batch_size):
-                dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+                dist = self.vae.encode(chunk.to(self.device, self.vae_dtype)).latent_dist
                 means.append(((dist.mean.float() - mean) / std))
                 stds.append(dist.std.float() / std)
         return LatentDistribution(torch.cat(means), torch.cat(stds))
@@ -175,7 +178,7 @@ class Wan21Backbone(Backbone):
     @torch.no_grad()
     def decode(self, latents):
         latents = latents * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
-        video = self.vae.decode(latents.to(self.dtype)).sample.float()
+        video = self.vae.decode(latents.to(self.vae_dtype)).sample.float()
         return ((video.clamp(-1, 1) + 1) / 2).cpu()
 
 

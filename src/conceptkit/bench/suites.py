@@ -134,8 +134,9 @@ def _train(method: str, backbone: str, case: SubjectCase, output: Path, steps: i
                  *extra]
     if steps is not None:
         overrides.append(f"trainer.max_steps={steps}")
-    if method == "lora":
-        overrides.append(f"method.class_noun={case.combo[0]}")  # DreamBooth's protocol: identifier + class noun
+    if "class_noun" in compose("train", [f"method={method}"]).method:
+        # Methods that name a class (DreamBooth's protocol: identifier + class noun) get the concept's shape.
+        overrides.append(f"method.class_noun={case.combo[0]}")
     started = time.time()
     folder = train(compose("train", overrides))
     return folder, time.time() - started

@@ -31,3 +31,17 @@ class PreviewCallback(L.Callback):
                                        seed=self.sample_cfg.seed, scheduler=self.sample_cfg.scheduler)
         self.folder.mkdir(parents=True, exist_ok=True)
         save_png(grid(media), self.folder / f"{self.stage_name}_step{step:05d}.png")
+
+
+class ResumeHint(L.Callback):
+    """Lightning answers Ctrl-C by exiting; say first how to continue."""
+
+    def __init__(self, partial: Path):
+        self.partial = partial
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            import sys
+
+            print(f"\ninterrupted at step {trainer.global_step}; continue with the same command plus resume=true "
+                  f"(state in {self.partial})", file=sys.stderr)

@@ -65,8 +65,10 @@ class ConceptTrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         micro = self.trainer.global_step * self.stage.accumulate + batch_idx % self.stage.accumulate
-        generator = micro_step_generator(self.seed, self.stage_index, micro)
-        indices = batch_indices(self.seed, self.stage_index, micro, self.stage.batch_size, self.data.count)
+        # Each data-parallel rank draws its own images, noise and timesteps.
+        seed = self.seed + 7_777_777 * self.global_rank
+        generator = micro_step_generator(seed, self.stage_index, micro)
+        indices = batch_indices(seed, self.stage_index, micro, self.stage.batch_size, self.data.count)
         losses = self.method.training_loss(TrainBatch(indices=indices.to(self.device), data=self.data,
                                                       generator=generator), self.backbone, self.stage)
         loss = losses["loss"]

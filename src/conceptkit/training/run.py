@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 import warnings
@@ -75,30 +76,79 @@ def prepare_data(cfg: DictConfig, backbone):
     return TrainingData(latents=latents, captions=media.captions, names=media.names, frames=media.pixels.shape[2])
 
 
+CONCEPT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+# Keys that may change between an interrupted run and its resume without changing the result.
+RESUME_FREE_KEYS = {"resume", "overwrite", "debug", "output"}
+RESUME_FREE_TRAINER_KEYS = {"progress_bar", "preview_every", "keep_checkpoints", "checkpoint_every"}
+
+
+def training_device(trainer_cfg) -> torch.device:
+    """Where frozen work runs before Lightning starts: the trainer's accelerator (auto: cuda if any)."""
+    accelerator = str(trainer_cfg.accelerator)
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _comparable(cfg: DictConfig) -> dict:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in RESUME_FREE_KEYS:
+        plain.pop(key, None)
+    for key in RESUME_FREE_TRAINER_KEYS:
+        plain["trainer"].pop(key, None)
+    return plain
+
+
+def check_resumable(cfg: DictConfig, partial: Path) -> None:
+    import yaml
+
+    saved = partial / "config.yaml"
+    if not saved.exists():
+        return
+    before = _comparable(OmegaConf.create(yaml.safe_load(saved.read_text())))
+    now = _comparable(cfg)
+    if before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise UserError(f"resume=true with a different config than the interrupted run ({', '.join(changed)} "
+                        f"changed; see {saved}); resume with the same settings or drop resume=true")
+
+
 def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from conceptkit.artifact import write_concept
-    from conceptkit.training.callbacks import PreviewCallback
+    from conceptkit.training.callbacks import PreviewCallback, ResumeHint
     from conceptkit.training.module import ConceptTrainingModule
 
     # Lightning's banner lines (GPU/TPU availability, tips) are noise for a one-command tool.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if not CONCEPT_NAME.match(str(cfg.name)):
+        raise UserError(f"name={cfg.name!r}: a concept name is a letter followed by letters, digits or _ "
+                        f"(prompts refer to it as {{name}})")
     output = default_output(cfg)
     if output.exists() and not cfg.overwrite:
         raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
     partial = output.with_name(output.name + ".partial")
+    if cfg.resume:
+        check_resumable(cfg, partial)
+
+    L.seed_everything(cfg.seed, verbose=False)
+    device = training_device(cfg.trainer)
+    backbone, method = build_parts(cfg)
+    backbone.to(device)  # frozen encoders (media, captions, class images) run once, on the training device
+    data = prepare_data(cfg, backbone)
+    method.initialize(backbone, data)
+    method.attach(backbone)
+    method.to(device)
+    # Inputs are valid: from here on an interrupted run leaves <output>.partial/ to resume from.
     if partial.exists() and not cfg.resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-    L.seed_everything(cfg.seed, verbose=False)
-    backbone, method = build_parts(cfg)
-    data = prepare_data(cfg, backbone)
-    method.initialize(backbone, data)
-    method.attach(backbone)
 
     summary = {"images": data.names, "captions": data.captions, "seed": cfg.seed, "stages": []}
     started = time.time()
@@ -114,7 +164,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         checkpoint_dir = partial / "checkpoints" / stage.name
         checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
                                         save_last=True, save_top_k=0)
-        stage_callbacks = [checkpointing, *(callbacks or [])]
+        stage_callbacks = [checkpointing, ResumeHint(partial), *(callbacks or [])]
         if cfg.trainer.preview_every:
             stage_callbacks.append(PreviewCallback(method, backbone, partial / "previews", cfg.trainer.preview_every,
                                                    stage.name, cfg.sample, sample_texts(cfg, method)))
@@ -134,6 +184,9 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             # Batches derive from the global step (module.py), so a restarted dataloader is exact.
             warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
             trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.exists() else None)
+        # Lightning's teardown moves the LightningModule (and so the method, whose LoRA modules live
+        # inside the denoiser) to the CPU; the backbone stays where it is. Put them back together.
+        method.to(backbone.device)
         if trainer.interrupted or trainer.global_step < stage.steps:
             raise UserError(f"training stopped in stage {stage.name} at step {trainer.global_step}/{stage.steps}; "
                             f"rerun the same command with resume=true to continue from {partial}")
