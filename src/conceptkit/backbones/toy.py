@@ -54,7 +54,7 @@ def shapes_sd15_modules(seed: int = 0):
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
     return tokenizer, text_encoder, unet, vae
 
