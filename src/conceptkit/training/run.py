@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -83,6 +84,12 @@ RESUME_FREE_KEYS = {"resume", "overwrite", "debug", "output"}
 RESUME_FREE_TRAINER_KEYS = {"progress_bar", "preview_every", "keep_checkpoints", "checkpoint_every"}
 
 
+def is_main_process() -> bool:
+    """Lightning's multi-GPU launcher re-runs this command once per extra rank (LOCAL_RANK/NODE_RANK
+    set); only the first process may create, clean or write files."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
 def training_device(trainer_cfg) -> torch.device:
     """Where frozen work runs before Lightning starts: the trainer's accelerator (auto: cuda if any)."""
     accelerator = str(trainer_cfg.accelerator)
@@ -145,10 +152,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     method.attach(backbone)
     method.to(device)
     # Inputs are valid: from here on an interrupted run leaves <output>.partial/ to resume from.
-    if partial.exists() and not cfg.resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    main = is_main_process()
+    if main:
+        if partial.exists() and not cfg.resume:
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     summary = {"images": data.names, "captions": data.captions, "seed": cfg.seed, "stages": []}
     started = time.time()
@@ -194,10 +203,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         record = {"name": stage.name, "steps": stage.steps, "lr": stage.lr, "accumulate": stage.accumulate,
                   "seconds": round(time.time() - stage_start, 2),
                   "final_loss": None if loss is None else round(float(loss), 6)}
-        _snapshot(method, done)
-        done.with_suffix(".json").write_text(json.dumps(record))
+        if main:
+            _snapshot(method, done)
+            done.with_suffix(".json").write_text(json.dumps(record))
         summary["stages"].append(record)
     summary["seconds"] = round(time.time() - started, 2)
+    if not main:
+        return output  # the first process renders samples and writes the concept
 
     texts = sample_texts(cfg, method)
     prompts = [method.prompt(p) for p in texts]
