@@ -174,6 +174,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     from safetensors.torch import load_model, save_model
 
     from conceptkit.training.module import ConceptTrainingModule
+    from conceptkit.training.run import training_device
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     backbone = instantiate(cfg.backbone, weights="random")
@@ -210,6 +211,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
                 trainable.measure_latent_scale(backbone)
             summary["stages"].append(json.loads(done.with_suffix(".json").read_text()))
             continue
+        backbone.to(training_device(cfg.trainer))  # the corpus encoding in begin_stage runs there too
         trainable.begin_stage(stage, backbone)
         module = ConceptTrainingModule(trainable, backbone, data, stage, index, cfg.seed)
         checkpoint_dir = partial / "checkpoints" / stage.name
