@@ -38,29 +38,46 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on `words` until every word is one symbol: the most frequent adjacent
+    pair first, ties broken alphabetically (deterministic, unlike a hash-map trainer). Learned merges
+    are consistent with how BPE applies them, so each listed word encodes to exactly one token."""
+    segmented = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words) if w}
+    merges = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in segmented.values():
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for word, symbols in segmented.items():
+            i, merged = 0, []
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            segmented[word] = merged
+
+
 def build_tiny_clip_tokenizer(words: list[str] | None = None):
-    """A CLIP tokenizer (real CLIPTokenizer class) with a byte-level base vocabulary and whole-word
-    merges for `words` (default PROMPT_WORDS)."""
+    """A CLIP tokenizer (real CLIPTokenizer class, byte-level BPE) in which every word of `words`
+    (default PROMPT_WORDS) is one token; other words fall back to sub-words and bytes, like rare words
+    in the real tokenizer."""
     from transformers import CLIPTokenizer
 
     chars = list(_bytes_to_unicode().values())
     vocab: dict[str, int] = {}
-    for c in chars:
-        vocab.setdefault(c, len(vocab))
-    for c in chars:
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in words or PROMPT_WORDS:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        current = symbols[0]
-        for nxt in symbols[1:]:
-            merge = (current, nxt)
-            current = current + nxt
-            if merge not in seen:
-                seen.add(merge)
-                merges.append(merge)
-                vocab.setdefault(current, len(vocab))
+    for token in [*chars, *(c + "</w>" for c in chars)]:
+        vocab.setdefault(token, len(vocab))
+    merges = learn_merges(list(words or PROMPT_WORDS))
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

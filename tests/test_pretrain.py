@@ -1,0 +1,73 @@
+"""`conceptkit pretrain` on a few steps: it writes a loadable diffusers folder, reproducibly."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def _pretrain(family, output, *extra):
+    from conceptkit.config import compose
+    from conceptkit.training.pretrain import pretrain
+
+    overrides = [f"backbone={family}_shapes", f"output={output}", "trainer.max_steps=2", "trainer.progress_bar=false",
+                 "corpus.images=24", "corpus.clips=8", "vae.batch_size=2", "denoiser.batch_size=4", *extra]
+    return pretrain(compose("pretrain", overrides), overrides)
+
+
+@pytest.mark.parametrize("family", ["sd15", "wan21"])
+def test_pretrain_writes_a_backbone_that_trains_concepts(tmp_path, family):
+    from conceptkit.config import compose
+    from conceptkit.training.run import train
+
+    folder = _pretrain(family, tmp_path / "toy")
+    denoiser = "unet" if family == "sd15" else "transformer"
+    for part in ("tokenizer", "text_encoder", denoiser, "vae"):
+        assert (folder / part).is_dir(), part
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert [s["name"] for s in recipe["training"]["stages"]] == ["vae", "denoiser"]
+    assert recipe["training"]["command"].startswith("conceptkit pretrain backbone=")
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    if family == "sd15":
+        assert vae_config["scaling_factor"] != 0.18215  # measured on the corpus
+    else:
+        assert len(vae_config["latents_std"]) == 16 and vae_config["latents_std"][0] != 2.8184
+    concept = train(compose("train", [f"backbone={family}_shapes", f"backbone.path={folder}", "experiment=smoke",
+                                      "sample.count=1", f"output={tmp_path / 'c.concept'}"]))
+    assert (concept / "samples").is_dir()
+
+
+def test_pretrain_is_reproducible_from_the_seed(tmp_path):
+    first = load_file(str(_pretrain("wan21", tmp_path / "a") / "transformer" / "diffusion_pytorch_model.safetensors"))
+    second = load_file(str(_pretrain("wan21", tmp_path / "b") / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_toy_tokenizers_give_every_caption_word_one_token():
+    from conceptkit.backbones.tiny import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
+    from conceptkit.backbones.toy import shapes_words
+    from conceptkit.world.captions import caption_scene
+    from conceptkit.world.factors import sample_scene
+
+    words = shapes_words()
+    clip, t5 = build_tiny_clip_tokenizer(words), build_tiny_t5_tokenizer(64, words)
+    rng = np.random.default_rng(99)  # other captions than the ones the vocabulary was collected from
+    for i in range(200):
+        caption = caption_scene(sample_scene(rng, split="all", clip_frames=9 if i % 2 else None), rng)
+        for word in re.findall(r"[a-z]+", caption.lower()):
+            assert len(clip(word, add_special_tokens=False).input_ids) == 1, word
+            assert len(t5(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_pretrain_refuses_other_architectures(tmp_path):
+    from conceptkit.config import compose
+    from conceptkit.errors import UserError
+    from conceptkit.training.pretrain import pretrain
+
+    with pytest.raises(UserError, match="ShapeWorld toy backbones"):
+        pretrain(compose("pretrain", ["backbone=sd15_tiny", f"output={tmp_path}/x"]))
