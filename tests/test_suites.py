@@ -109,7 +109,8 @@ def test_base_quality_runs_and_scores_ground_truth(tmp_path, backbone):
                             "sample_steps=2", f"output={tmp_path}"])
     run_suite(cfg)
     results = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert set(results) == {"pretrain", "heldout"} and results["pretrain"]["samples"] == 2
+    assert set(results) == {"vae_reconstruction", "pretrain", "heldout"} and results["pretrain"]["samples"] == 2
+    assert 0 <= results["vae_reconstruction"]["shape"] <= 1
     # the scorer gives full marks to the world's own renders of the prompted scene
     frames = 9 if backbone == "wan21_tiny" else None
     for caption, scene in quality_cases("heldout", 3, seed=1, clip_frames=frames):
