@@ -107,9 +107,12 @@ def test_main_job_trains_the_embedded_default_and_compose_renders_it(tmp_path):
     assert [s["steps"] for s in meta["training"]["stages"]] == [200, 200]
     assert len(meta["training"]["images"]) == 4 and meta["method"] == "conceptprism"
     assert len(list((concept / "samples").glob("*.png"))) == 3  # the three default sample prompts
-    done = subprocess.run([sys.executable, "-m", "conceptkit.cli", "compose", f"concepts=[{concept}]", "count=2"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    # the README's render command: a free-text prompt that starts with the concept's braces
+    done = subprocess.run([sys.executable, "-m", "conceptkit.cli", "compose", f"concepts=[{concept}]", "count=2",
+                           "prompt={concept} on a plain sand background"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "outputs" / "compose" / "compose.json").read_text())
+    assert record["expanded_prompt"] == "<concept> on a plain sand background"
     assert sorted(p.name for p in (tmp_path / "outputs" / "compose").iterdir()) == [
         "compose.json", "grid.png", "render_0.png", "render_1.png"]
 

@@ -19,8 +19,25 @@ Add debug=true for full tracebacks.
 """
 
 
+# Free-text values: `prompt={dog} on a beach` would otherwise be read by Hydra's override grammar
+# (a leading `{` starts a dict). They are passed on quoted, so users never have to nest quotes.
+FREE_TEXT_KEYS = ("prompt", "negative_prompt", "sample.negative_prompt")
+
+
+def _quote_free_text(overrides: list[str]) -> list[str]:
+    quoted = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key in FREE_TEXT_KEYS and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        quoted.append(f"{key}{sep}{value}" if sep else override)
+    return quoted
+
+
 def _run(command: str, overrides: list[str]) -> int:
     from conceptkit.config import compose
+
+    overrides = _quote_free_text(overrides)
 
     if command == "train":
         cfg = compose("train", overrides)
