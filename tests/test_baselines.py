@@ -10,7 +10,6 @@ from conftest import example_data, make_backbone, make_method
 
 def test_lora_prior_preservation_batches_instance_and_class():
     from conceptkit.method import TrainBatch
-    from conceptkit.training.losses import denoising_loss
 
     backbone = make_backbone("sd15_tiny")
     method = make_method("lora", "sd15_tiny", "mug", "method.prior_preservation=true", "method.num_class_images=3",

@@ -24,7 +24,7 @@ class CrashAt(L.Callback):
 
 def _cfg(tmp_path, name, *extra):
     return train_config("conceptprism", "sd15_tiny", "trainer.max_steps=4", "trainer.checkpoint_every=1",
-                        "trainer.progress_bar=false", "sample.count=0", f"name=p", f"output={tmp_path / name}",
+                        "trainer.progress_bar=false", "sample.count=0", "name=p", f"output={tmp_path / name}",
                         "method.lora_accumulate=2", *extra)
 
 

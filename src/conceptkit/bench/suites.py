@@ -190,7 +190,7 @@ def run_subject_suite(cfg) -> Path:
         save_png(grid(media, columns=cfg.samples_per_prompt), output / grid_name)
         records.append({"method": method_name, "backbone": backbone_name, "concept": case.name,
                         **{k: round(v, 4) for k, v in metrics.items()},
-                        "train_seconds": round(seconds, 1), "peak_memory_mb": _peak_rss_mb(), "grid": grid_name,
+                        "train_seconds": round(seconds, 1), "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
                         "prompts": [p for p, _ in prompts]})
     write_suite_results(output, "shapes_subject", cfg, records,
                         notes={"base_drift_accuracy": round(base_drift, 4),
@@ -200,7 +200,9 @@ def run_subject_suite(cfg) -> Path:
     return output
 
 
-def _peak_rss_mb() -> float:
+def _process_peak_rss_mb() -> float:
+    """The suite process's peak resident set SO FAR (training and sampling run in-process, so this is
+    cumulative over the records before it; the per-method step memory is `suite=speed`'s job)."""
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

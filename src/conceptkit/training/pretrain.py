@@ -174,7 +174,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     from safetensors.torch import load_model, save_model
 
     from conceptkit.training.module import ConceptTrainingModule
-    from conceptkit.training.run import training_device
+    from conceptkit.training.run import stage_with_overrides, training_device
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     backbone = instantiate(cfg.backbone, weights="random")
@@ -201,9 +201,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     summary = {"seed": cfg.seed, "corpus": OmegaConf.to_container(cfg.corpus), "stages": [],
                "render_seconds": round(time.time() - started, 1)}
     for index, stage in enumerate(trainable.stages()):
-        if cfg.trainer.max_steps is not None:
-            stage = Stage(stage.name, int(cfg.trainer.max_steps), stage.lr, stage.batch_size, 1, stage.grad_clip,
-                          stage.weight_decay)
+        stage = stage_with_overrides(stage, cfg.trainer)
         done = partial / f"stage{index}_{stage.name}.safetensors"
         if cfg.resume and done.exists():
             load_model(trainable, str(done))
