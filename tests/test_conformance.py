@@ -135,7 +135,7 @@ def test_concepts_of_all_methods_compose(trained, backbone_name):
     from conceptkit.compose import render_prompt
 
     backbone = make_backbone(backbone_name)
-    methods = [load_concept(trained[(m, backbone_name)], backbone)[0] for m in ("textual_inversion", "lora", "conceptprism")]
+    methods = [load_concept(trained[(m, backbone_name)], backbone)[0] for m in ("textual_inversion", "lora", "conceptprism", "mcpl")]
     names = [m.concept_name for m in methods]
     prompt = render_prompt("a photo of " + " and ".join("{%s}" % n for n in names), methods)
     assert all(tok in prompt for m in methods for tok in [m.prompt("{%s}" % m.concept_name)])
@@ -151,7 +151,11 @@ def test_concepts_of_all_methods_compose(trained, backbone_name):
     assert media.shape[:3] == (1, 3, backbone.default_frames) and torch.isfinite(media).all()
 
 
-@pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] != "textual_inversion"] +
+# Methods whose concept holds no LoRA adapter (token vectors only).
+WITHOUT_LORA = {"textual_inversion", "mcpl"}
+
+
+@pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] not in WITHOUT_LORA] +
                          [("lora_alpha8", "sd15_tiny")])
 def test_exported_lora_loads_in_stock_diffusers(trained, tmp_path, method_name, backbone_name):
     """pytorch_lora_weights.safetensors is what diffusers' own loader reads, and gives our outputs."""
@@ -186,12 +190,26 @@ def test_exported_lora_loads_in_stock_diffusers(trained, tmp_path, method_name, 
 
 @pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] != "lora"])
 def test_exported_embeddings_are_the_learned_tokens(trained, method_name, backbone_name):
+    """learned_embeds*.safetensors: one token per file (what diffusers' load_textual_inversion reads),
+    named as in concept.json, holding exactly the learned vectors."""
     from safetensors.torch import load_file
 
     folder = trained[(method_name, backbone_name)]
-    embeds = load_file(str(folder / "learned_embeds.safetensors"))
+    meta = json.loads((folder / "concept.json").read_text())
     weights = load_file(str(folder / "weights.safetensors"))
-    name = json.loads((folder / "concept.json").read_text())["name"]
-    assert list(embeds) == [f"<{name}>"]
+    files = sorted(folder.glob("learned_embeds*.safetensors"))
+    exported = {}
+    for path in files:
+        embeds = load_file(str(path))
+        assert len(embeds) == 1, path.name
+        exported.update(embeds)
+    name = meta["name"]
+    if method_name == "mcpl":  # one file per learned word, each the word's vector
+        assert sorted(exported) == sorted(meta["tokens"])
+        for token, vector in exported.items():
+            word = token[len(name) + 2:-1]  # <name/word>
+            assert torch.equal(vector, weights[f"vectors.{word}"])
+        return
+    assert list(exported) == [f"<{name}>"] and [p.name for p in files] == ["learned_embeds.safetensors"]
     key = "vectors" if method_name == "textual_inversion" else "target"
-    assert torch.equal(embeds[f"<{name}>"], weights[key])
+    assert torch.equal(exported[f"<{name}>"], weights[key])

@@ -92,8 +92,40 @@ def test_unready_suites_say_why():
     from conceptkit.config import compose
     from conceptkit.errors import UserError
 
-    with pytest.raises(UserError, match="MCPL"):
-        run_suite(compose("bench", ["suite=shapes_multi"]))
+    with pytest.raises(UserError, match="BiCo"):
+        run_suite(compose("bench", ["suite=shapes_motion"]))
+
+
+def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path):
+    """Pipeline only (2 steps, random tiny backbone): every variant trains on the two-object image,
+    each word is rendered alone (MCPL: its own token; Textual Inversion: its one token) and scored."""
+    from conceptkit.bench import run_suite
+    from conceptkit.config import compose
+    from conceptkit.errors import UserError
+
+    cfg = compose("bench", ["suite=shapes_multi", "methods=[mcpl,textual_inversion]", "suite_backbone=sd15_tiny",
+                            "concepts=1", "train_steps=2", "samples_per_prompt=1", "sample_steps=2",
+                            f"output={tmp_path}", "train_overrides=['trainer.accumulate=1']",
+                            "variants={mcpl_no_reg:[mcpl,'method.mask=skip','method.contrastive_weight=0']}"])
+    run_suite(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = [(r["variant"], r["word"]) for r in results["records"]]
+    words = [w for _, w in rows[:2]]  # in sentence order
+    assert sorted(words) == ["blue_dotted_circle", "red_striped_star"]
+    assert results["records"][0]["sentence"].index(words[0]) < results["records"][0]["sentence"].index(words[1])
+    assert rows == [(v, w) for v in ("mcpl", "textual_inversion", "mcpl_no_reg") for w in words]
+    for record in results["records"]:
+        assert isinstance(record["word_fidelity"], float) and isinstance(record["separation"], float)
+        assert (tmp_path / record["grid"]).is_file()
+    prompts = {(r["variant"], r["word"]): r["prompts"] for r in results["records"]}
+    assert prompts[("mcpl", "red_striped_star")][0] == "a photo of a <pair0/red_striped_star>"
+    assert prompts[("textual_inversion", "blue_dotted_circle")][0] == "a photo of a <pair0>"
+    assert results["settings"]["variants"]["mcpl_no_reg"] == ["mcpl", "method.mask=skip", "method.contrastive_weight=0"]
+    assert "| mcpl_no_reg | mcpl | method.mask=skip method.contrastive_weight=0 |" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(UserError, match="1 to 4 pairs of held-out objects, got 5"):
+        run_suite(compose("bench", ["suite=shapes_multi", "methods=[mcpl]", "concepts=5", "suite_backbone=sd15_tiny",
+                                    f"output={tmp_path}"]))
 
 
 @pytest.mark.parametrize("backbone", ["sd15_tiny", "wan21_tiny"])

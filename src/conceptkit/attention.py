@@ -11,10 +11,13 @@ A hook is any object with some of these methods (all optional):
   - ``key_value(site, key, value) -> (key, value)``: edit projected keys/values, shape (B, S, H*D)
   - ``probabilities(site, probs)``: observe softmax(QK^T) of shape (B, heads, Q, K); requesting it
     switches only that call to the explicit softmax path (SDPA exposes no probabilities)
+`CrossAttentionMaps` is such a hook (head-averaged maps of chosen tokens), and `maps_on_latent_grid`
+lays its records out on the latent grid (MCPL's attention mask, compose's `attention_maps=true`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +55,47 @@ class AttentionHooks:
 
     def for_site(self, site: AttentionSite) -> list[Any]:
         return [hook for _, selector, hook in self._hooks if selector(site)]
+
+
+class CrossAttentionMaps:
+    """A `probabilities` hook that keeps head-averaged cross-attention maps of chosen context columns.
+
+    `columns` (B, K, n) weighs the K context positions into n maps per batch row: a one-hot column
+    reads one token, several ones sum tokens, an all-zero row (e.g. the unconditional half of a
+    guided batch) gives zero maps. Maps are detached: they say where a token looks, nothing trains
+    through them. Only the sites this hook is added for leave the fast SDPA path.
+    """
+
+    def __init__(self, columns: torch.Tensor):
+        self.columns = columns
+        self.maps: list[tuple[AttentionSite, torch.Tensor]] = []  # (site, (B, Q, n)) per observed call
+
+    def probabilities(self, site: AttentionSite, probs: torch.Tensor) -> None:
+        columns = self.columns.to(device=probs.device, dtype=torch.float32)
+        self.maps.append((site, probs.detach().float().mean(dim=1) @ columns))
+
+
+def maps_on_latent_grid(maps: list[tuple[AttentionSite, torch.Tensor]], frames: int, height: int,
+                        width: int) -> torch.Tensor:
+    """Recorded maps (B, Q, n), each laid out on its site's token grid and resized (nearest) to the
+    latent grid, averaged over sites and calls: (B, n, frames, height, width). Spatial sites (SD) hold
+    one frame of h*w queries; spatiotemporal sites (Wan, temporal patch 1) hold frames*h*w."""
+    if not maps:
+        raise ValueError("no attention maps were recorded (no selected site ran)")
+    total = None
+    for site, recorded in maps:
+        batch, queries, n = recorded.shape
+        grid_frames = frames if site.token_axis == "spatiotemporal" else 1
+        per_frame = queries // grid_frames
+        h = max(1, round(math.sqrt(per_frame * height / width)))
+        w = per_frame // h
+        if grid_frames * h * w != queries:
+            raise ValueError(f"site {site.name}: {queries} queries do not tile a {height}x{width} latent")
+        grid = recorded.transpose(1, 2).reshape(batch * n, grid_frames, h, w)
+        grid = F.interpolate(grid, size=(height, width), mode="nearest")
+        grid = grid.reshape(batch, n, grid_frames, height, width).expand(batch, n, frames, height, width)
+        total = grid if total is None else total + grid
+    return total / len(maps)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask, site, hooks) -> torch.Tensor:

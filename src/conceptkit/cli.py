@@ -19,9 +19,9 @@ Add debug=true for full tracebacks.
 """
 
 
-# Free-text values: `prompt={dog} on a beach` would otherwise be read by Hydra's override grammar
+# Free-text values: `prompt={dog} on a beach` (or MCPL's `method.sentence=a {ball} and a {cube}`) would otherwise be read by Hydra's override grammar
 # (a leading `{` starts a dict). They are passed on quoted, so users never have to nest quotes.
-FREE_TEXT_KEYS = ("prompt", "negative_prompt", "sample.negative_prompt")
+FREE_TEXT_KEYS = ("prompt", "negative_prompt", "sample.negative_prompt", "method.sentence")
 
 
 def _quote_free_text(overrides: list[str]) -> list[str]:

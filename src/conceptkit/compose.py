@@ -60,6 +60,16 @@ def check_distinct_phrases(methods: list) -> None:
 
 
 def render_prompt(prompt: str, methods: list) -> str:
+    names = {m.concept_name: m for m in methods}
+    for placeholder in dict.fromkeys(re.findall(r"\{[^{}]*\}", prompt)):
+        if placeholder[1:-1] in names:
+            continue  # a concept's own name wins over other concepts' short word names (MCPL's {word})
+        providers = [m.concept_name for m in methods if m.prompt(placeholder) != placeholder]
+        if len(providers) > 1:
+            raise UserError(f"prompt names {placeholder}, which concepts {' and '.join(providers)} all provide; "
+                            f"write {{concept/word}} (e.g. {{{providers[0]}/{placeholder[1:-1]}}}) to pick one")
+    for name, method in names.items():
+        prompt = prompt.replace("{%s}" % name, method.prompt("{%s}" % name))
     for method in methods:
         prompt = method.prompt(prompt)
     leftover = re.findall(r"\{[^{}]*\}", prompt)
@@ -92,19 +102,81 @@ def compose(cfg: DictConfig) -> Path:
         method.eval()
     text = cfg.prompt or default_prompt([m.concept_name for m in methods])
     prompt = render_prompt(text, methods)
-    media = backbone.generate([prompt] * cfg.count, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
-                              guidance=cfg.guidance, seed=cfg.seed, scheduler=cfg.scheduler, height=cfg.height,
-                              width=cfg.width, frames=cfg.frames)
+    heatmaps = TokenHeatmaps(backbone, prompt, cfg.count) if cfg.attention_maps else None
+    try:
+        media = backbone.generate([prompt] * cfg.count, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
+                                  guidance=cfg.guidance, seed=cfg.seed, scheduler=cfg.scheduler, height=cfg.height,
+                                  width=cfg.width, frames=cfg.frames)
+    finally:
+        if heatmaps is not None:
+            heatmaps.remove()
     staging = output.with_name(output.name + ".writing")
     shutil.rmtree(staging, ignore_errors=True)
     save_media(media, staging, "render", fps=getattr(backbone, "fps", 16))
     save_png(grid(media), staging / "grid.png")
+    if heatmaps is not None:
+        heatmaps.save(media, staging / "attention", fps=getattr(backbone, "fps", 16))
     (staging / "compose.json").write_text(json.dumps({
         "prompt": text, "expanded_prompt": prompt, "concepts": [str(f) for f in folders],
         "methods": [m["method"] for m in metas], "backbone": backbone.identity(), "count": cfg.count,
         "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
+        "attention_maps": heatmaps.tokens if heatmaps is not None else [],
     }, indent=2) + "\n")
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
     return output
+
+
+class TokenHeatmaps:
+    """`attention_maps=true`: each concept token's cross-attention over the render, averaged over
+    heads, every cross-attention site and every sampling step (the maps MCPL's paper visualises).
+
+    Attached for the duration of `generate` as an attention hook; the guided batch is
+    [negative rows | prompt rows], and only the prompt rows are read."""
+
+    OWNER = "ck_compose_heatmaps"
+
+    def __init__(self, backbone, prompt: str, count: int):
+        import torch
+
+        from conceptkit.attention import CrossAttentionMaps
+
+        self.backbone = backbone
+        self.count = count
+        input_ids = backbone.tokenize([prompt]).input_ids[0]
+        self.tokens, columns = [], []
+        for placeholder in backbone.tokens.placeholders():
+            hit = torch.isin(input_ids, torch.tensor(list(backbone.tokens.reserved_ids(placeholder))))
+            if hit.any():  # a multi-vector token: its columns summed
+                self.tokens.append(placeholder)
+                columns.append(hit.float())
+        if not self.tokens:
+            raise UserError("attention_maps=true, but the prompt uses no concept token to map; name a concept in it")
+        columns = torch.stack(columns, dim=-1)  # (L, n)
+        rows = torch.cat([torch.zeros(count, *columns.shape), columns.expand(count, -1, -1)])
+        self.recorder = CrossAttentionMaps(rows)
+        backbone.hooks.add(self.OWNER, self.recorder, selector=lambda site: site.kind == "cross")
+
+    def remove(self) -> None:
+        self.backbone.hooks.remove(self.OWNER)
+
+    def save(self, media, folder: Path, fps: int) -> None:
+        """One overlay per token and render: attention/<token>_<i>.png (or .mp4 for clips)."""
+        import torch
+        import torch.nn.functional as F
+
+        from conceptkit.attention import maps_on_latent_grid
+        from conceptkit.media import save_media
+
+        n, _, frames, height, width = media.shape
+        latent = self.backbone.initial_latents(1, height, width, frames, torch.Generator().manual_seed(0))
+        latent_frames = latent.shape[2] if latent.ndim == 5 else 1
+        maps = maps_on_latent_grid(self.recorder.maps, latent_frames, latent.shape[-2], latent.shape[-1])[n:]
+        maps = maps / maps.flatten(2).amax(dim=2).clamp_min(1e-12)[..., None, None, None]
+        for k, token in enumerate(self.tokens):
+            heat = maps[:, k]  # (n, latent frames, h, w) -> the render's frames and pixels
+            heat = F.interpolate(heat.unsqueeze(1), size=(frames, height, width), mode="trilinear").squeeze(1)
+            colour = torch.stack([heat, torch.zeros_like(heat), 1 - heat], dim=1)  # red = attended, blue = not
+            overlay = 0.5 * media.float() + 0.5 * colour.cpu()
+            save_media(overlay, folder, re.sub(r"[^0-9A-Za-z_]+", "_", token).strip("_"), fps=fps)

@@ -82,6 +82,7 @@ class ComposeSettings:
     frames: int | None = None
     device: str = "auto"
     backbone_path: str | None = None
+    attention_maps: bool = False
     overwrite: bool = False
     debug: bool = False
 
@@ -100,6 +101,7 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
     concepts: int
     train_steps: Any
     train_overrides: list
+    variants: Any
     samples_per_prompt: int
     drift_prompts: int
     quality_prompts: int
@@ -138,6 +140,7 @@ class VaeRecipe:
     lr: float
     batch_size: int
     kl_weight: float
+    clip_fraction: float | None = None
 
 
 @dataclass

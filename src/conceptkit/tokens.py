@@ -65,6 +65,14 @@ class TokenTable:
     def placeholders(self) -> list[str]:
         return list(self._entries)
 
+    def reserved_ids(self, placeholder: str) -> range:
+        """The ids `placeholder` expands to right now (they shift when an earlier entry is removed),
+        so callers can find its positions in `tokenize(...).input_ids`."""
+        ranges = self._reserved_ranges()
+        if placeholder not in ranges:
+            raise KeyError(f"token {placeholder!r} is not registered")
+        return ranges[placeholder]
+
     # tokenization ----------------------------------------------------------------------------
     def _reserved_ranges(self) -> dict[str, range]:
         ranges, start = {}, self.vocab_size

@@ -89,6 +89,8 @@ class Backbone:
     def identity(self) -> dict:
         if self.weights == "random":
             source = f"random:{self.family}-{self.architecture}:seed{self.seed}"
+        elif self.architecture == "shapes" and not self.path:
+            source = f"conceptkit:{self.family}_shapes"  # the shipped weights, wherever the package is installed
         else:
             source = self._source()
         return {"family": self.family, "id": source, "revision": self.revision}

@@ -20,7 +20,11 @@ def run_suite(cfg):
         from conceptkit.bench.suites import run_subject_suite
 
         return run_subject_suite(cfg)
-    if cfg.suite in ("shapes_multi", "shapes_motion"):
+    if cfg.suite == "shapes_multi":
+        from conceptkit.bench.suites import run_multi_suite
+
+        return run_multi_suite(cfg)
+    if cfg.suite == "shapes_motion":
         from conceptkit.bench.suites import SUITE_METHODS
 
         raise UserError(f"suite {cfg.suite} scores {SUITE_METHODS[cfg.suite]}, which this install does not have yet; "

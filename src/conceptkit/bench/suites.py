@@ -240,8 +240,7 @@ def write_suite_results(output: Path, suite: str, cfg, records: list[dict], note
 
 # --- shapes_multi and shapes_motion: data and metrics, ready for the methods that need them -------
 
-SUITE_METHODS = {"shapes_multi": "methods that learn several words from one image (MCPL)",
-                 "shapes_motion": "methods that compose an image subject with a video motion (BiCo)"}
+SUITE_METHODS = {"shapes_motion": "methods that compose an image subject with a video motion (BiCo)"}
 
 
 def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64) -> tuple[Path, str]:
@@ -278,6 +277,156 @@ def score_multi(images_alone: list[np.ndarray], word_combo, other_combo) -> dict
         present.append(tuple(word_combo) in found)
         separate.append(tuple(other_combo) not in found)
     return {"word_fidelity": float(np.mean(present)), "separation": float(np.mean(separate))}
+
+
+MULTI_PROMPTS = ("a photo of a {}", "a {} on a plain {} background")
+
+
+@dataclass
+class MultiCase:
+    name: str  # concept name, e.g. "pair0"
+    combos: tuple  # the two objects' (shape, colour, pattern), in sentence order
+    words: tuple[str, str]  # the sentence's marked words (the objects' concept names)
+    image: Path
+    sentence: str
+    background: str
+
+
+def multi_cases(count: int, folder: Path, seed: int, resolution: int) -> list[MultiCase]:
+    """Up to 4 disjoint pairs of held-out objects (combos 0+1, 2+3, ...), one two-object image each."""
+    from conceptkit.world.factors import HELDOUT_COMBOS
+
+    check_multi_count(count)
+    cases = []
+    for i in range(count):
+        pair = HELDOUT_COMBOS[2 * i:2 * i + 2]
+        image, sentence = write_multi_reference(pair, folder / f"pair{i}", seed + i, resolution)
+        words = tuple(sorted((concept_name(c) for c in pair), key=sentence.index))  # sentence order
+        by_word = {concept_name(c): tuple(c) for c in pair}
+        background = sentence.rsplit(" on a ", 1)[1].split()[0]
+        cases.append(MultiCase(name=f"pair{i}", combos=tuple(by_word[w] for w in words), words=words, image=image,
+                               sentence=sentence, background=background))
+    return cases
+
+
+def check_multi_count(count: int) -> None:
+    from conceptkit.world.factors import HELDOUT_COMBOS
+
+    if not 1 <= count <= len(HELDOUT_COMBOS) // 2:
+        raise UserError(f"concepts: shapes_multi has 1 to {len(HELDOUT_COMBOS) // 2} pairs of held-out objects, got {count}")
+
+
+def multi_variants(cfg) -> list[tuple[str, str, list[str]]]:
+    """(label, method, train overrides): each of `methods` with its defaults, then `variants`
+    (label -> [method, overrides...]), e.g. MCPL without regularisers or with masking only."""
+    from conceptkit.registry import method_names
+
+    rows = [(m, m, []) for m in cfg.methods]
+    for label, spec in (cfg.variants or {}).items():
+        spec = list(spec)
+        if not spec:
+            raise UserError(f"variants.{label}: give [method, override, ...]")
+        rows.append((str(label), str(spec[0]), [str(o) for o in spec[1:]]))
+    for label, method, _ in rows:
+        if method not in method_names():
+            raise UserError(f"{label}: unknown method {method!r}; choose from {', '.join(method_names())}")
+    if not rows:
+        raise UserError("shapes_multi: nothing to run; pass methods=[mcpl] and/or variants")
+    return rows
+
+
+def word_prompt(method, name: str, word: str) -> str:
+    """The token(s) that should render one object: a method that learned words answers to
+    {name/word}; a method with one token for the image (Textual Inversion) gets that token for each."""
+    text = method.prompt("{%s/%s}" % (name, word))
+    return text if "{" not in text else method.prompt("{%s}" % name)
+
+
+def run_multi_suite(cfg) -> Path:
+    from conceptkit.artifact import load_concept
+    from conceptkit.config import compose
+    from conceptkit.media import grid, save_png
+    from conceptkit.training.run import train
+
+    from hydra.utils import instantiate
+
+    variants = multi_variants(cfg)
+    check_multi_count(cfg.concepts)  # before the backbone loads
+    output = Path(cfg.output)
+    work = output / "work"
+    output.mkdir(parents=True, exist_ok=True)
+    backbone_name = cfg.suite_backbone
+    backbone = instantiate(compose("train", [f"backbone={backbone_name}"]).backbone).load()
+    sample = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
+    cases = multi_cases(cfg.concepts, work / "references", cfg.seed, backbone.resolution)
+    records = []
+    total = len(cases) * len(variants)
+    for number, (case, (label, method_name, extra)) in enumerate(((c, v) for c in cases for v in variants), 1):
+        print(f"[{number}/{total}] {label} on {case.name} ({' + '.join(case.words)}) ...", flush=True)
+        overrides = [f"method={method_name}", f"backbone={backbone_name}", f"data.images={case.image}",
+                     f"name={case.name}", f"output={work / f'{label}_{case.name}.concept'}", "sample.count=0",
+                     "trainer.progress_bar=false", f"seed={cfg.seed}", "overwrite=true", *cfg.train_overrides]
+        if cfg.train_steps is not None:
+            overrides.append(f"trainer.max_steps={cfg.train_steps}")
+        if "sentence" in compose("train", [f"method={method_name}"]).method:
+            # Methods that learn words from a sentence (MCPL) get the scene's; its words are concept
+            # names the tokenizer splits, so they start from "object" (Textual Inversion's default init).
+            words = ",".join(f"{w}:object" for w in case.words)
+            overrides += [f"method.sentence='{case.sentence}'", f"method.init_words={{{words}}}"]
+        started = time.time()
+        folder = train(compose("train", overrides + list(extra)))
+        seconds = time.time() - started
+        method, _ = load_concept(folder, backbone)
+        for k, word in enumerate(case.words):
+            token = word_prompt(method, case.name, word)
+            texts = [MULTI_PROMPTS[0].format(token), MULTI_PROMPTS[1].format(token, case.background)]
+            texts = [t for t in texts for _ in range(cfg.samples_per_prompt)]
+            media = torch.cat([backbone.generate(texts[i:i + 8], seed=cfg.seed + i, **sample)
+                               for i in range(0, len(texts), 8)])
+            metrics = score_multi(_to_uint8(media), case.combos[k], case.combos[1 - k])
+            grid_name = f"{label}_{case.name}_{word}.png"
+            save_png(grid(media, columns=cfg.samples_per_prompt), output / grid_name)
+            records.append({"variant": label, "method": method_name, "overrides": list(extra),
+                            "backbone": backbone_name, "concept": case.name, "word": word,
+                            **{m: round(v, 4) for m, v in metrics.items()}, "train_seconds": round(seconds, 1),
+                            "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
+                            "prompts": list(dict.fromkeys(texts)), "sentence": case.sentence})
+        method.detach(backbone)
+    _write_multi_results(output, cfg, variants, records)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+MULTI_METRICS = ("word_fidelity", "separation")
+
+
+def _write_multi_results(output: Path, cfg, variants, records: list[dict]) -> None:
+    settings = {k: cfg[k] for k in ("methods", "suite_backbone", "concepts", "train_steps", "samples_per_prompt",
+                                    "sample_steps", "guidance", "seed")}
+    settings["variants"] = {label: [method, *extra] for label, method, extra in variants}
+    results = {"version": 1, "suite": "shapes_multi", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "settings": settings, "records": records}
+    (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
+    lines = ["# conceptkit bench: shapes_multi", "",
+             f"backbone {cfg.suite_backbone}, seed {cfg.seed}, {cfg.train_steps or 'default'} steps per stage; "
+             "one two-object image per pair, each learned word prompted alone", "",
+             "| variant | method | overrides | " + " | ".join(MULTI_METRICS) + " | words | train s |",
+             "|---" * (len(MULTI_METRICS) + 5) + "|"]
+    for label, method, extra in variants:
+        rows = [r for r in records if r["variant"] == label]
+        if rows:
+            means = [np.mean([r[m] for r in rows]) for m in MULTI_METRICS]
+            lines.append(f"| {label} | {method} | {' '.join(extra) or '-'} | " + " | ".join(f"{v:.3f}" for v in means) +
+                         f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
+    lines += ["", "## Per word", ""]
+    for r in records:
+        lines.append(f"### {r['variant']} / {r['concept']} / {r['word']}")
+        lines.append(", ".join(f"{m} {r[m]:.3f}" for m in MULTI_METRICS) + f"; sentence: {r['sentence']}")
+        lines.append(f"![{r['variant']} {r['word']}]({r['grid']})  ")
+        lines.append("")
+    (output / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:6 + len(variants)]))
 
 
 def write_motion_references(subject_combo, direction: str, folder: Path, seed: int, frames: int = 9,

@@ -114,14 +114,17 @@ class BackbonePretraining(nn.Module):
     def param_groups(self, stage: Stage) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def _pool(self, generator: torch.Generator) -> str:
-        if self.clip_fraction and torch.rand((), generator=generator) < self.clip_fraction:
+    def _pool(self, stage: Stage, generator: torch.Generator) -> str:
+        fraction = self.clip_fraction
+        if stage.name == "vae" and self.vae_cfg.get("clip_fraction") is not None:
+            fraction = self.vae_cfg.clip_fraction
+        if self.corpus.clips is not None and fraction and torch.rand((), generator=generator) < fraction:
             return "clips"
         return "images"
 
     def training_loss(self, batch: TrainBatch, backbone, stage: Stage) -> dict[str, torch.Tensor]:
         generator = batch.generator
-        pool = self._pool(generator)
+        pool = self._pool(stage, generator)
         source = self.corpus.images if pool == "images" else self.corpus.clips
         picks = torch.randint(0, source.shape[0], (stage.batch_size,), generator=generator)
         device = backbone.device
