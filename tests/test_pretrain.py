@@ -71,3 +71,22 @@ def test_pretrain_refuses_other_architectures(tmp_path):
 
     with pytest.raises(UserError, match="ShapeWorld toy backbones"):
         pretrain(compose("pretrain", ["backbone=sd15_tiny", f"output={tmp_path}/x"]))
+
+
+def test_a_finished_stage_continues_to_a_longer_budget_exactly(tmp_path):
+    """resume=true with more denoiser steps continues the finished run: the same weights as the longer
+    run from scratch (constant lr, per-step randomness by step number, optimiser state restored)."""
+    common = ["trainer.max_steps=null", "vae.steps=2", "trainer.keep_checkpoints=true", "trainer.checkpoint_every=1"]
+    _pretrain("sd15", tmp_path / "a", *common, "denoiser.steps=2")
+    extended = _pretrain("sd15", tmp_path / "a", *common, "denoiser.steps=4", "resume=true", "overwrite=true")
+    longer = _pretrain("sd15", tmp_path / "b", *common, "denoiser.steps=4")
+    first = load_file(str(extended / "unet" / "diffusion_pytorch_model.safetensors"))
+    second = load_file(str(longer / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    stages = json.loads((extended / "recipe.json").read_text())["training"]["stages"]
+    assert [s["steps"] for s in stages] == [2, 4]
+
+    from conceptkit.errors import UserError
+
+    with pytest.raises(UserError, match="already ran 4 steps"):
+        _pretrain("sd15", tmp_path / "b", *common, "denoiser.steps=3", "resume=true", "overwrite=true")

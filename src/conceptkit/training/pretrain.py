@@ -206,18 +206,24 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     for index, stage in enumerate(trainable.stages()):
         stage = stage_with_overrides(stage, cfg.trainer)
         done = partial / f"stage{index}_{stage.name}.safetensors"
-        if cfg.resume and done.exists():
+        finished = json.loads(done.with_suffix(".json").read_text()) if cfg.resume and done.exists() else None
+        if finished is not None and finished["steps"] == stage.steps:
             load_model(trainable, str(done))
             if stage.name == "vae":
                 trainable.measure_latent_scale(backbone)
-            summary["stages"].append(json.loads(done.with_suffix(".json").read_text()))
+            summary["stages"].append(finished)
             continue
+        if finished is not None and finished["steps"] > stage.steps:
+            raise UserError(f"stage {stage.name} in {partial} already ran {finished['steps']} steps, more than "
+                            f"the {stage.steps} asked; ask for at least that many or start without resume=true")
+        # A finished stage asked for more steps continues from its last checkpoint: the lr is constant
+        # and every step's randomness depends on its step number only, so this equals a longer run.
         backbone.to(training_device(cfg.trainer))  # the corpus encoding in begin_stage runs there too
         trainable.begin_stage(stage, backbone)
         module = ConceptTrainingModule(trainable, backbone, data, stage, index, cfg.seed)
         checkpoint_dir = partial / "checkpoints" / stage.name
         trainer = L.Trainer(
-            max_steps=stage.steps, max_epochs=1, gradient_clip_val=stage.grad_clip, precision=cfg.trainer.precision,
+            max_steps=stage.steps, max_epochs=-1, gradient_clip_val=stage.grad_clip, precision=cfg.trainer.precision,
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
             callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
                                        save_last=True, save_top_k=0)],
@@ -229,13 +235,15 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
             # Frozen parts (the VAE while the denoiser trains, and vice versa) stay in eval mode on purpose.
             warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            # The dataloader yields step numbers only; each step's data comes from its global step.
+            warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
             trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.exists() else None)
         if trainer.interrupted or trainer.global_step < stage.steps:
             raise UserError(f"pretraining stopped in stage {stage.name} at step {trainer.global_step}/{stage.steps}; "
                             f"rerun with resume=true to continue from {partial}")
         loss = trainer.callback_metrics.get("loss")
         record = {"name": stage.name, "steps": stage.steps, "lr": stage.lr, "batch_size": stage.batch_size,
-                  "seconds": round(time.time() - stage_start, 1), "final_loss": None if loss is None else float(loss)}
+                  "seconds": round(time.time() - stage_start + (finished or {}).get("seconds", 0.0), 1), "final_loss": None if loss is None else float(loss)}
         save_model(trainable, str(done))  # handles the text encoder's tied embeddings
         done.with_suffix(".json").write_text(json.dumps(record))
         summary["stages"].append(record)
