@@ -151,8 +151,10 @@ def test_concepts_of_all_methods_compose(trained, backbone_name):
     assert media.shape[:3] == (1, 3, backbone.default_frames) and torch.isfinite(media).all()
 
 
-# Methods whose concept holds no LoRA adapter (token vectors only).
-WITHOUT_LORA = {"textual_inversion", "mcpl"}
+# Methods whose concept holds no LoRA adapter (token vectors or binders only).
+WITHOUT_LORA = {"textual_inversion", "mcpl", "bico"}
+# Methods whose concept holds no learned token vectors (LoRA weights or binders only).
+WITHOUT_EMBEDDINGS = {"lora", "bico"}
 
 
 @pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] not in WITHOUT_LORA] +
@@ -188,7 +190,7 @@ def test_exported_lora_loads_in_stock_diffusers(trained, tmp_path, method_name, 
     assert not torch.allclose(ours, predict(make_backbone(backbone_name), ["a photo of a red dog", "a cat"]))
 
 
-@pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] != "lora"])
+@pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] not in WITHOUT_EMBEDDINGS])
 def test_exported_embeddings_are_the_learned_tokens(trained, method_name, backbone_name):
     """learned_embeds*.safetensors: one token per file (what diffusers' load_textual_inversion reads),
     named as in concept.json, holding exactly the learned vectors."""

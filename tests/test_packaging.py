@@ -27,6 +27,6 @@ def test_wheel_ships_configs_methods_and_examples(tmp_path):
     assert done.returncode == 0, done.stderr[-1500:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith(str(target)) and lines[1].startswith(str(target))
-    assert lines[2] == "['conceptprism', 'lora', 'mcpl', 'textual_inversion']"
+    assert lines[2] == "['bico', 'conceptprism', 'lora', 'mcpl', 'textual_inversion']"
     assert "0_sky.png" in lines[3]
     assert lines[4] == "conceptkit.methods.lora.DreamBoothLoRA"

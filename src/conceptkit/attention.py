@@ -38,11 +38,45 @@ class AttentionSite:
     token_axis: str  # "spatial" (SD: h*w tokens) or "spatiotemporal" (Wan: f*h*w tokens)
 
 
+@dataclass(frozen=True)
+class ContextRows:
+    """What each row of the text context of the next denoiser calls was encoded from: its token ids
+    (padding and EOS known) and whether it is the unconditional (negative) row of a guided batch.
+
+    Context hooks that act on token positions (BiCo's binders) read it from `AttentionHooks.rows`;
+    the context tensor itself carries no ids. `Backbone.encode_text` declares the rows it encoded,
+    `Backbone.generate` declares the guided batch [negative rows | prompt rows]; a caller that feeds
+    the denoiser another context declares its rows itself."""
+
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L): 1 for real tokens (incl. EOS), 0 for padding
+    eos_index: torch.Tensor  # (B,)
+    unconditional: torch.Tensor  # (B,) bool
+
+    @classmethod
+    def conditional(cls, tokenized) -> "ContextRows":
+        return cls(tokenized.input_ids, tokenized.attention_mask, tokenized.eos_index,
+                   torch.zeros(tokenized.input_ids.shape[0], dtype=torch.bool))
+
+    @classmethod
+    def guided(cls, negative, positive) -> "ContextRows":
+        """The rows of a classifier-free-guidance batch: negative prompts first, then the prompts."""
+        return cls(torch.cat([negative.input_ids, positive.input_ids]),
+                   torch.cat([negative.attention_mask, positive.attention_mask]),
+                   torch.cat([negative.eos_index, positive.eos_index]),
+                   torch.cat([torch.ones(negative.input_ids.shape[0], dtype=torch.bool),
+                              torch.zeros(positive.input_ids.shape[0], dtype=torch.bool)]))
+
+
 class AttentionHooks:
     """Hooks keyed by owner; each hook applies to the sites its selector accepts."""
 
     def __init__(self) -> None:
         self._hooks: list[tuple[str, Any, Any]] = []  # (owner, selector(site) -> bool, hook)
+        self.rows: ContextRows | None = None  # the rows of the context being denoised (see ContextRows)
+
+    def declare_rows(self, rows: ContextRows | None) -> None:
+        self.rows = rows
 
     def add(self, owner: str, hook: Any, selector=None) -> None:
         self._hooks.append((owner, selector or (lambda site: True), hook))

@@ -87,7 +87,8 @@ def _read_clip(path: Path, resolution: int, frames: int) -> np.ndarray:
     try:
         all_frames = iio.imread(path, index=None)
     except Exception as error:  # imageio raises many types for broken files
-        raise UserError(f"data.images: cannot read clip {path} ({error}); fix or remove that file") from None
+        reason = " ".join(str(error).split())  # decoders report over several lines; users get one
+        raise UserError(f"data.images: cannot read clip {path} ({reason}); fix or remove that file") from None
     if all_frames.ndim == 3:
         all_frames = all_frames[None]
     if len(all_frames) < frames:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from conceptkit.attention import AttentionHooks, AttentionSite
+from conceptkit.attention import AttentionHooks, AttentionSite, ContextRows
 from conceptkit.errors import UserError
 from conceptkit.tokens import TokenizedPrompts, TokenTable
 
@@ -169,7 +169,9 @@ class Backbone:
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, TokenizedPrompts]:
         tokenized = self.tokenize(texts)
-        return self.encode_tokens(tokenized), tokenized
+        context = self.encode_tokens(tokenized)
+        self.hooks.declare_rows(ContextRows.conditional(tokenized))  # what position-aware hooks read
+        return context, tokenized
 
     def input_embedding(self) -> nn.Embedding:
         """The embedding module the text encoder's forward actually calls (where token hooks go)."""
@@ -239,9 +241,11 @@ class Backbone:
         width = width or self.resolution
         frames = frames or self.default_frames
         device = self.device
-        context, _ = self.encode_text(list(prompts))
-        negative, _ = self.encode_text([negative_prompt] * len(prompts))
+        context, tokenized = self.encode_text(list(prompts))
+        negative, negative_tokens = self.encode_text([negative_prompt] * len(prompts))
         context = torch.cat([negative, context]).to(device)
+        # Hooks that treat the unconditional rows differently (BiCo: no binders there) need to know them.
+        self.hooks.declare_rows(ContextRows.guided(negative_tokens, tokenized))
         sampler = self.sampling_scheduler(scheduler)
         sampler.set_timesteps(steps, device=device)
         generator = torch.Generator().manual_seed(seed)

@@ -142,26 +142,31 @@ def _train(method: str, backbone: str, case: SubjectCase, output: Path, steps: i
     return folder, time.time() - started
 
 
+def _suite_setup(cfg):
+    """The output and work folders, the suite's backbone (loaded) and the sampling settings."""
+    from hydra.utils import instantiate
+
+    from conceptkit.config import compose
+
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    backbone = instantiate(compose("train", [f"backbone={cfg.suite_backbone}"]).backbone).load()
+    return output, output / "work", backbone, dict(steps=cfg.sample_steps, guidance=cfg.guidance)
+
+
 def run_subject_suite(cfg) -> Path:
     from conceptkit.artifact import load_concept
-    from conceptkit.config import compose
     from conceptkit.media import grid, save_png
     from conceptkit.registry import method_names
     from conceptkit.world.factors import HELDOUT_COMBOS
-
-    from hydra.utils import instantiate
 
     for name in cfg.methods:
         if name not in method_names():
             raise UserError(f"methods: unknown method {name!r}; choose from {', '.join(method_names())}")
     if cfg.concepts > len(HELDOUT_COMBOS):
         raise UserError(f"concepts: at most {len(HELDOUT_COMBOS)} held-out combinations exist")
-    output = Path(cfg.output)
-    work = output / "work"
-    output.mkdir(parents=True, exist_ok=True)
+    output, work, backbone, sample = _suite_setup(cfg)
     backbone_name = cfg.suite_backbone
-    backbone = instantiate(compose("train", [f"backbone={backbone_name}"]).backbone).load()
-    sample = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
     cases = [write_subject_references(combo, work / "references" / concept_name(combo), cfg.seed + i,
                                       backbone.resolution)
              for i, combo in enumerate(HELDOUT_COMBOS[:cfg.concepts])]
@@ -348,16 +353,10 @@ def run_multi_suite(cfg) -> Path:
     from conceptkit.media import grid, save_png
     from conceptkit.training.run import train
 
-    from hydra.utils import instantiate
-
     variants = multi_variants(cfg)
     check_multi_count(cfg.concepts)  # before the backbone loads
-    output = Path(cfg.output)
-    work = output / "work"
-    output.mkdir(parents=True, exist_ok=True)
+    output, work, backbone, sample = _suite_setup(cfg)
     backbone_name = cfg.suite_backbone
-    backbone = instantiate(compose("train", [f"backbone={backbone_name}"]).backbone).load()
-    sample = dict(steps=cfg.sample_steps, guidance=cfg.guidance)
     cases = multi_cases(cfg.concepts, work / "references", cfg.seed, backbone.resolution)
     records = []
     total = len(cases) * len(variants)

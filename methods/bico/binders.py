@@ -1,0 +1,104 @@
+"""BiCo's binders as plain modules and functions of tensors.
+
+A binder is a residual MLP on prompt-token features that starts as the identity:
+    f(x) = scale * LN(Linear(GELU(Linear(LN(x)))))      scale: a learned scalar, initialised to 0
+so `x + f(x)` equals `x` exactly until training moves `scale`.
+
+Hierarchy (per cross-attention site b, on the context after the backbone's own text projection):
+    ctx_g = where(mask, ctx + f_g(ctx), ctx)           the global binder, the same for every site
+    ctx_b = where(mask, ctx_g + f_b(ctx_g), ctx_g)     site b's own binder, on the globally bound
+                                                       context (not cumulative over sites)
+`where` (not `* mask`) keeps every unmasked position bit-identical, whatever the binder computes.
+
+Temporal disentanglement (videos, stage 2) swaps a binder for a dual-branch one:
+    f(x) = g(x) * spatial(x) + (1 - g(x)) * motion(x),  g = gate(LN(x) -> Linear(d, 1), bias 2)
+`gate_values` gives g for the two gate kinds (see README.md: the official code's gate is always 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GATES = ("sigmoid", "code")
+GATE_BIAS = 2.0  # official code
+
+
+class Binder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim),
+                                 nn.LayerNorm(dim))
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
+def gate_values(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """logits (..., 1) -> the spatial branch's weight g in [0, 1].
+
+    sigmoid: sigma(logits); with the initial zero weight every token starts at sigma(2) = 0.8808.
+    code:    softmax over the size-1 last axis, as the official code computes it: exactly 1 for every
+             input, so the motion branch never contributes and never receives a gradient."""
+    if kind == "sigmoid":
+        return torch.sigmoid(logits)
+    if kind == "code":
+        return torch.softmax(logits, dim=-1)
+    raise ValueError(f"gate must be one of {', '.join(GATES)}, got {kind!r}")
+
+
+class DualBranchBinder(nn.Module):
+    """Spatial + motion branches mixed per token by a gate. Both branches start as copies of the
+    stage-1 binder (so the stage starts exactly where stage 1 ended, whatever the gate); the gate's
+    weight starts at zero so g starts at the same value for every token."""
+
+    def __init__(self, spatial: Binder, gate: str = "sigmoid"):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
+        width = spatial.net[0].normalized_shape[0]
+        self.kind = gate
+        self.spatial = spatial
+        self.motion = Binder(width)
+        self.motion.load_state_dict(spatial.state_dict())
+        self.gate_norm = nn.LayerNorm(width)
+        self.gate = nn.Linear(width, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, GATE_BIAS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = gate_values(self.gate(self.gate_norm(x)), self.kind)
+        return g * self.spatial(x) + (1 - g) * self.motion(x)
+
+
+def bind(context: torch.Tensor, mask: torch.Tensor, global_binder: nn.Module, block_binder: nn.Module | None) -> torch.Tensor:
+    """context (B, L, d) in any dtype; mask (B, L) bool. Binders run in float32 (their parameters'
+    dtype) and the result returns in the context's dtype."""
+    where = mask.to(context.device).unsqueeze(-1)
+    x = context.float()
+    bound = torch.where(where, x + global_binder(x), x)
+    if block_binder is not None:
+        bound = torch.where(where, bound + block_binder(bound), bound)
+    return bound.to(context.dtype)
+
+
+def write_absorbent(context: torch.Tensor, eos_index: torch.Tensor, absorbent: torch.Tensor) -> torch.Tensor:
+    """The absorbent token in each row's EOS slot (training only): the row's EOS feature is replaced."""
+    batch, length, _ = context.shape
+    eos = torch.zeros(batch, length, dtype=torch.bool, device=context.device)
+    eos[torch.arange(batch, device=context.device), eos_index.to(context.device)] = True
+    filled = absorbent.to(device=context.device, dtype=torch.float32).expand(batch, length, -1)
+    return torch.where(eos.unsqueeze(-1), filled, context.float()).to(context.dtype)
+
+
+class SiteBinderHook:
+    """The `context` hook BiCo adds on one cross-attention site: the owning concept decides the
+    positions and runs the binders (the hook only says which site's binder applies)."""
+
+    def __init__(self, concept, binder_index: int):
+        self.concept = concept
+        self.binder_index = binder_index
+
+    def context(self, site, encoder_hidden_states):
+        return self.concept.bind_context(encoder_hidden_states, self.binder_index)
