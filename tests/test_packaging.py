@@ -19,7 +19,9 @@ def test_wheel_ships_configs_methods_and_examples(tmp_path):
         "import conceptkit, conceptkit.config as c, conceptkit.registry as r, conceptkit.data as d;"
         "print(conceptkit.__file__); print(c.conf_dir()); print(r.method_names());"
         "print(sorted(p.name for p in d.bundled_examples().iterdir()));"
-        "print(c.compose('train', ['method=lora']).method._target_)"
+        "print(c.compose('train', ['method=lora']).method._target_);"
+        "from conceptkit.backbones.base import shipped_weights_folder as w;"
+        "print(sorted(p.relative_to(w('sd15_shapes')).as_posix() for p in w('sd15_shapes').rglob('*.*')))"
     )
     done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = [{str(target)!r}] + "
                            f"[p for p in {sys.path!r} if 'site-packages' in p]; " + code],
@@ -30,3 +32,7 @@ def test_wheel_ships_configs_methods_and_examples(tmp_path):
     assert lines[2] == "['bico', 'conceptprism', 'lora', 'mcpl', 'textual_inversion']"
     assert "0_sky.png" in lines[3]
     assert lines[4] == "conceptkit.methods.lora.DreamBoothLoRA"
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json",
+                 "recipe.json", "README.md"):
+        assert part in lines[5], part
