@@ -78,11 +78,15 @@ def test_a_finished_stage_continues_to_a_longer_budget_exactly(tmp_path):
     run from scratch (constant lr, per-step randomness by step number, optimiser state restored)."""
     common = ["trainer.max_steps=null", "vae.steps=2", "trainer.keep_checkpoints=true", "trainer.checkpoint_every=1"]
     _pretrain("sd15", tmp_path / "a", *common, "denoiser.steps=2")
+    _pretrain("sd15", tmp_path / "a", *common, "denoiser.steps=3", "resume=true", "overwrite=true")
+    # twice: the second continuation must start from the first one's checkpoint, not the original's
     extended = _pretrain("sd15", tmp_path / "a", *common, "denoiser.steps=4", "resume=true", "overwrite=true")
     longer = _pretrain("sd15", tmp_path / "b", *common, "denoiser.steps=4")
     first = load_file(str(extended / "unet" / "diffusion_pytorch_model.safetensors"))
     second = load_file(str(longer / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(first[k], second[k]) for k in first)
+    # each continuation overwrote last.ckpt (a versioned last-v1.ckpt would leave the stale one to resume from)
+    assert sorted(p.name for p in (tmp_path / "a.partial" / "checkpoints" / "denoiser").iterdir()) == ["last.ckpt"]
     stages = json.loads((extended / "recipe.json").read_text())["training"]["stages"]
     assert [s["steps"] for s in stages] == [2, 4]
 

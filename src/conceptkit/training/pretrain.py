@@ -226,7 +226,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
             max_steps=stage.steps, max_epochs=-1, gradient_clip_val=stage.grad_clip, precision=cfg.trainer.precision,
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
             callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
-                                       save_last=True, save_top_k=0)],
+                                       save_last=True, save_top_k=0, enable_version_counter=False)],
             logger=False, enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar,
             default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1)
         last = checkpoint_dir / "last.ckpt"

@@ -171,8 +171,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         method.begin_stage(stage, backbone)
         module = ConceptTrainingModule(method, backbone, data, stage, index, cfg.seed)
         checkpoint_dir = partial / "checkpoints" / stage.name
+        # No version counter: a resumed run must overwrite last.ckpt, not write last-v1.ckpt beside it
+        # (a second resume would otherwise load the stale first checkpoint).
         checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
-                                        save_last=True, save_top_k=0)
+                                        save_last=True, save_top_k=0, enable_version_counter=False)
         stage_callbacks = [checkpointing, ResumeHint(partial), *(callbacks or [])]
         if cfg.trainer.preview_every:
             stage_callbacks.append(PreviewCallback(method, backbone, partial / "previews", cfg.trainer.preview_every,
