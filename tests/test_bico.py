@@ -167,10 +167,14 @@ def test_sigmoid_gate_and_code_gate_give_the_documented_values():
     with torch.no_grad():
         spatial.scale.fill_(0.5)
     x = torch.randn(3, 4, 6)
-    for kind, g in (("sigmoid", 0.8807970779778823), ("code", 1.0)):
+    torch.testing.assert_close(gate_values(torch.tensor([2.0]), "sigmoid"), torch.tensor([0.8807970779778823]))
+    for kind in ("sigmoid", "code"):
         dual = DualBranchBinder(spatial, gate=kind)
-        gate = gate_values(dual.gate(dual.gate_norm(x)), kind)
-        torch.testing.assert_close(gate, torch.full_like(gate, g))
+        assert torch.equal(dual.gate.bias, torch.tensor([2.0]))  # official code
+        logits = dual.gate(dual.gate_norm(x))
+        gate = gate_values(logits, kind)
+        expected = torch.sigmoid(logits) if kind == "sigmoid" else torch.ones_like(logits)
+        torch.testing.assert_close(gate, expected)
         torch.testing.assert_close(dual(x), spatial(x))  # both branches start as the stage-1 binder
     code = DualBranchBinder(spatial, gate="code")
     code(x).sum().backward()
@@ -181,6 +185,331 @@ def test_sigmoid_gate_and_code_gate_give_the_documented_values():
         sigmoid.motion.scale.fill_(0.5)
     sigmoid(x).sum().backward()
     assert sigmoid.motion.scale.grad.abs() > 0
+
+
+def test_dual_branch_gradients_differ_token_by_token_so_the_branches_can_part():
+    """Both branches start as copies; only a gate that differs per token makes their gradients other
+    than proportional (with one g everywhere, Adam's normalised steps would keep them copies)."""
+    torch.manual_seed(0)
+    spatial = Binder(6)
+    with torch.no_grad():
+        spatial.scale.fill_(0.5)
+    dual = DualBranchBinder(spatial, gate="sigmoid")
+    x = torch.randn(3, 4, 6)
+    g = torch.sigmoid(dual.gate(dual.gate_norm(x)))
+    assert g.std() > 0.01  # the default (random) gate weight: g differs per token
+    (dual(x) * torch.randn(3, 4, 6)).sum().backward()
+    ratio = dual.motion.net[1].weight.grad / dual.spatial.net[1].weight.grad
+    assert ratio.std() > 1e-3  # not one factor (1 - g) / g for every weight
+    with torch.no_grad():
+        dual.spatial.scale.fill_(0.9)
+        dual.spatial.net[1].weight.add_(1.0)
+    dual.restart_motion()  # the start of stage 2: motion <- spatial, values copied, parameters kept
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(dual.motion.parameters(), dual.spatial.parameters()))
+
+
+# temporal disentanglement (video concepts) -----------------------------------------------------
+def write_clips(folder, captions=("a red square sliding right", "a blue square sliding down"), frames=9, size=32):
+    """GIF clips of a square moving frame by frame, each with a sidecar caption."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, caption in enumerate(captions):
+        images = []
+        for f in range(frames):
+            pixels = np.full((size, size, 3), 230, np.uint8)
+            top, left = (8, 2 + 2 * f) if n == 0 else (2 + 2 * f, 8)
+            pixels[top: top + 10, left: left + 10] = (220, 30, 30) if n == 0 else (30, 30, 220)
+            images.append(Image.fromarray(pixels))
+        images[0].save(folder / f"clip{n}.gif", save_all=True, append_images=images[1:], duration=100)
+        (folder / f"clip{n}.txt").write_text(caption)
+    return folder
+
+
+def video_setup(tmp_path, *extra, name="move"):
+    backbone = make_backbone("wan21_tiny")
+    data = example_data(backbone, "wan21_tiny", f"data.images={write_clips(tmp_path / 'clips')}", "data.frames=5")
+    method = make_method("bico", "wan21_tiny", name, *extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method.initialize(backbone, data)
+    method.attach(backbone)
+    return backbone, method, data
+
+
+def test_video_stage1_trains_the_frames_as_images_with_per_frame_prompts(tmp_path):
+    from conceptkit.method import TrainBatch
+    from conceptkit.methods.bico.binders import DualBranchBinder
+
+    backbone, method, data = video_setup(tmp_path)
+    assert data.frames == 5 and data.count == 2
+    assert [s.name for s in method.stages()] == ["frames_global", "frames_all", "clip_global", "clip_all"]
+    assert [s.steps for s in method.stages()] == [162, 243, 120, 180]  # official code's budgets
+    assert all(isinstance(b, DualBranchBinder) for b in [method.global_binder, *method.block_binders])
+    stage = method.stages()[0]
+    frames = method.stage_data(stage, data)
+    assert method.stage_data(method.stages()[2], data) is data  # stage 2: the whole clips
+    # every frame its own item: a one-frame latent, encoded alone as an image would be
+    assert frames.count == 10 and frames.frames == 1 and frames.names[:2] == ["clip0.gif#0", "clip0.gif#1"]
+    assert frames.latents.mean.shape[:3] == (10, data.latents.mean.shape[1], 1)
+    alone = backbone.encode_media(data.pixels[1:2, :, 3:4])  # clip 1, frame 3
+    torch.testing.assert_close(frames.latents.mean[1 * 5 + 3], alone.mean[0])  # batched: rounding only
+    # per-frame prompts, derived offline from each frame's own clip caption, in still-image wording
+    prompts = method.frame_training_prompts
+    assert len(prompts) == 10
+    assert method.resolved_description == "a red square sliding right"  # the first caption
+    assert all(any("blue square" in p for p in prompts[k]) == (k >= 5) for k in range(10))
+    assert all(any("red square" in p for p in prompts[k]) for k in range(10))  # the description, everywhere
+    assert not any("video" in p for ps in prompts for p in ps)
+    # one training step sees the frames it was given, with their own prompts
+    method.frame_training_prompts = [[f"frame number {k} of the clip"] for k in range(10)]
+    method.begin_stage(stage, backbone)
+    seen = []
+    handle = backbone.denoiser.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["hidden_states"].shape),
+                                                         with_kwargs=True)
+    try:
+        batch = TrainBatch(indices=torch.tensor([3, 7]), data=frames, generator=torch.Generator().manual_seed(0))
+        method.training_loss(batch, backbone, stage)["loss"].backward()
+    finally:
+        handle.remove()
+    assert seen[0][2] == 1  # one latent frame: an image
+    expected = backbone.tokenize(["frame number 3 of the clip", "frame number 7 of the clip"]).input_ids
+    assert torch.equal(backbone.hooks.rows.input_ids, expected)
+    # stage 1 trains the spatial branch of the global binder (and the absorbent) only
+    trainable = {n for n, p in method.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in method.named_parameters() if n.startswith("global_binder.spatial.")} | {"absorbent_token"}
+    assert all(p.grad is not None for n, p in method.named_parameters() if n in trainable)
+    with pytest.raises(RuntimeError, match="stage_data"):
+        method.training_loss(TrainBatch(torch.tensor([0]), data, torch.Generator().manual_seed(0)), backbone, stage)
+
+
+def test_video_stage2_starts_from_stage1(tmp_path):
+    backbone, method, data = video_setup(tmp_path)
+    stages = {s.name: s for s in method.stages()}
+    method.begin_stage(stages["frames_all"], backbone)
+    assert {n for n, p in method.named_parameters() if p.requires_grad} == {
+        n for n, _ in method.named_parameters() if ".spatial." in n} | {"absorbent_token"}
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # stand in for stage-1 training: spatial branches (scales too) move
+        for n, p in method.named_parameters():
+            if ".spatial." in n:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+    stage1 = {n: p.detach().clone() for n, p in method.named_parameters()}
+    prompt = method.prompt("{move} in a park")
+    end_of_stage1 = predict(backbone, [prompt])
+    method.begin_stage(stages["clip_global"], backbone)
+    binders = {"global_binder": method.global_binder, **{f"block_binders.{i}": b for i, b in enumerate(method.block_binders)}}
+    for prefix, binder in binders.items():  # weights carried over: spatial kept, motion a copy of it
+        for n, p in binder.spatial.named_parameters():
+            assert torch.equal(p, stage1[f"{prefix}.spatial.{n}"])
+            assert torch.equal(dict(binder.motion.named_parameters())[n], p)
+    # the clip stage starts where the frames ended (g * s + (1 - g) * s: equal up to float rounding)
+    torch.testing.assert_close(predict(backbone, [prompt]), end_of_stage1, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(end_of_stage1, predict(make_backbone("wan21_tiny"), [prompt]))  # the check can fail
+    assert {n for n, p in method.named_parameters() if p.requires_grad} == {
+        n for n, _ in method.named_parameters() if n.startswith("global_binder.")} | {"absorbent_token"}
+    method.begin_stage(stages["clip_all"], backbone)
+    assert all(p.requires_grad for p in method.parameters())
+    assert method.stage_favours("frames_global") == method.stage_favours("clip_global") == "low"
+    assert method.stage_favours("frames_all") == method.stage_favours("clip_all") == "high"
+
+
+def test_global_stages_skip_the_per_block_binders_in_training(tmp_path):
+    """Official: a `global` stage runs the global binder only. For an image concept that is what
+    applying the (scale 0) per-block binders gives, bit for bit; in a video concept's clip stage the
+    per-block binders hold stage 1's training, and are skipped."""
+    from conceptkit.method import TrainBatch
+
+    def loss(method, backbone, data, stage, global_only):
+        method._global_only = global_only
+        batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return method.training_loss(batch, backbone, stage)["loss"]
+
+    backbone, method = attached("wan21_tiny")
+    data = example_data(backbone, "wan21_tiny")
+    stage = method.stages()[0]
+    method.begin_stage(stage, backbone)
+    perturb(method, scales=False)
+    with torch.no_grad():
+        method.global_binder.scale.fill_(0.5)
+    assert torch.equal(loss(method, backbone, data, stage, True), loss(method, backbone, data, stage, False))
+    backbone, video, clips = video_setup(tmp_path)
+    stage = next(s for s in video.stages() if s.name == "clip_global")
+    video.begin_stage(stage, backbone)
+    perturb(video)
+    assert not torch.equal(loss(video, backbone, clips, stage, True), loss(video, backbone, clips, stage, False))
+
+
+def test_gate_hyperparameter_reaches_every_dual_binder(tmp_path):
+    from conceptkit.artifact import build_method
+
+    for kind in ("sigmoid", "code"):
+        _, method, _ = video_setup(tmp_path / kind, f"method.gate={kind}")
+        assert method.hparams()["gate"] == kind
+        assert {b.kind for b in [method.global_binder, *method.block_binders]} == {kind}
+        rebuilt = build_method({"name": "move", "method": "bico", "hparams": method.hparams(),
+                                "method_info": method.export_info()})
+        rebuilt.attach(make_backbone("wan21_tiny"))
+        assert {b.kind for b in [rebuilt.global_binder, *rebuilt.block_binders]} == {kind}
+    from conceptkit.training.run import build_parts
+
+    from conftest import train_config
+
+    with pytest.raises(UserError, match="method.gate must be one of sigmoid, code") as error:
+        build_parts(train_config("bico", "wan21_tiny", "method.gate=softmax"))
+    assert _one_line(error)
+
+
+def test_temporal_disentanglement_off_trains_clips_whole_with_plain_binders(tmp_path):
+    backbone, method, data = video_setup(tmp_path, "method.temporal_disentanglement=false")
+    assert [s.name for s in method.stages()] == ["global", "all"]
+    assert isinstance(method.global_binder, Binder) and method.frame_training_prompts == []
+    assert method.stage_data(method.stages()[0], data) is data
+
+
+def test_frame_prompts_own_list_vlm_per_frame_and_bad_input(tmp_path):
+    from conceptkit.methods.bico.diversify import per_frame_prompts
+
+    assert per_frame_prompts("x", [None], 3, own=["a still dog", " "]) == [["a still dog"]] * 3
+    with pytest.warns(UserWarning, match="method.prompts"):
+        assert per_frame_prompts("x", [None, None], 2, clip_prompts=["my own prompt"]) == [["my own prompt"]] * 4
+    with pytest.raises(UserError, match="method.frame_prompts is a list of empty strings") as error:
+        per_frame_prompts("x", [None], 3, own=[" "])
+    assert _one_line(error)
+    with pytest.raises(UserError, match="data.captioner|cannot load"):
+        per_frame_prompts("x", [None], 2, vlm=str(tmp_path / "no_model_here"), images=[None, None])
+    # a video concept's own still-image prompts reach every frame
+    _, method, _ = video_setup(tmp_path, "method.frame_prompts=[a red square,a square on grey]")
+    assert method.frame_training_prompts == [["a red square", "a square on grey"]] * 10
+
+
+def test_video_concept_resumes_exactly_in_every_stage(tmp_path):
+    """A resumed run restores finished stages' snapshots without re-running begin_stage: the binders'
+    shapes never change between stages, and stage 2's start (motion <- spatial) happens once."""
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from conceptkit.training.run import train
+
+    from conftest import train_config
+
+    class CrashAt(L.Callback):
+        def __init__(self, stage_name):
+            self.stage_name = stage_name
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.stage.name == self.stage_name and trainer.global_step == 1:
+                raise RuntimeError("simulated crash")
+
+    clips = write_clips(tmp_path / "clips")
+
+    def run(name, *extra, callbacks=None):
+        cfg = train_config("bico", "wan21_tiny", "trainer.max_steps=2", "trainer.checkpoint_every=1",
+                           "trainer.progress_bar=false", "sample.count=0", "name=move", f"data.images={clips}",
+                           "data.frames=5", f"output={tmp_path / name}", *extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_file(str(train(cfg, callbacks=callbacks) / "weights.safetensors"))
+
+    reference = run("ref.concept")
+    for stage_name in ("frames_all", "clip_global", "clip_all"):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(f"{stage_name}.concept", callbacks=[CrashAt(stage_name)])
+        resumed = run(f"{stage_name}.concept", "resume=true")
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference), stage_name
+
+
+def test_vlm_writes_one_prompt_per_frame(tmp_path):
+    from test_data import _tiny_blip
+
+    model = tmp_path / "blip"
+    model.mkdir()
+    words = set(_tiny_blip(model))
+    _, method, _ = video_setup(tmp_path, f"method.vlm={model}", "method.prompts=[a square moving]")
+    assert method.training_prompts == ["a square moving"]  # the clip's own prompts win over the VLM
+    prompts = method.frame_training_prompts
+    assert len(prompts) == 10
+    answered = [p for p in prompts if p != ["a square moving"]]  # the rest: the VLM's answer was unusable
+    assert answered and all(len(p) == 1 and set(p[0].split()) <= words for p in answered)
+
+
+def test_video_concept_without_pixels_is_one_clear_line(tmp_path):
+    from dataclasses import replace
+
+    backbone = make_backbone("wan21_tiny")
+    data = example_data(backbone, "wan21_tiny", f"data.images={write_clips(tmp_path / 'clips')}", "data.frames=5")
+    method = make_method("bico", "wan21_tiny", "move")
+    with pytest.raises(UserError, match="temporal_disentanglement=false") as error, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method.initialize(backbone, replace(data, pixels=None))
+    assert _one_line(error)
+
+
+def test_video_concept_trains_saves_reloads_and_composes_with_an_image_concept(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import load_file
+
+    from conceptkit.artifact import load_concept
+    from conceptkit.compose import compose, render_prompt
+    from conceptkit.config import compose as compose_config
+    from conceptkit.methods.bico.binders import DualBranchBinder
+    from conceptkit.training.run import train
+
+    from conftest import train_config
+
+    clips = write_clips(tmp_path / "clips")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        video_folder = train(train_config("bico", "wan21_tiny", "experiment=smoke", "name=move", "sample.count=0",
+                                          f"data.images={clips}", "data.frames=5", f"output={tmp_path / 'move.concept'}"))
+        image_folder = train(train_config("bico", "wan21_tiny", "experiment=smoke", "name=thing", "sample.count=0",
+                                          f"output={tmp_path / 'thing.concept'}"))
+    meta = json.loads((video_folder / "concept.json").read_text())
+    assert [s["name"] for s in meta["training"]["stages"]] == ["frames_global", "frames_all", "clip_global", "clip_all"]
+    assert meta["method_version"] == "2" and meta["hparams"]["gate"] == "sigmoid"
+    assert meta["method_info"]["clip_frames"] == 5 and len(meta["method_info"]["frame_prompts"]) == 10
+    weights = load_file(str(video_folder / "weights.safetensors"))
+    assert {"global_binder.spatial.scale", "global_binder.motion.scale", "global_binder.gate.weight",
+            "global_binder.gate_norm.weight", "block_binders.0.motion.net.1.weight"} <= set(weights)
+    # the clip stage trained the motion branch on its own: it no longer equals the spatial branch
+    assert not torch.equal(weights["global_binder.motion.net.1.weight"], weights["global_binder.spatial.net.1.weight"])
+    assert "global" in json.loads((image_folder / "concept.json").read_text())["training"]["stages"][0]["name"]
+
+    backbone = make_backbone("wan21_tiny")
+    video, _ = load_concept(video_folder, backbone)
+    image, _ = load_concept(image_folder, backbone)
+    assert isinstance(video.global_binder, DualBranchBinder) and isinstance(image.global_binder, Binder)
+    assert all(torch.equal(v, weights[k]) for k, v in video.state_dict().items())
+    here = predict(backbone, [video.prompt("a photo of {move}")])
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from conftest import predict
+        from conceptkit.artifact import backbone_from_meta, load_concept, read_meta
+        backbone = backbone_from_meta(read_meta({str(video_folder)!r})).load()
+        method, _ = load_concept({str(video_folder)!r}, backbone)
+        torch.save(predict(backbone, [method.prompt("a photo of {{move}}")]), {str(tmp_path / 'fresh.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert torch.equal(torch.load(tmp_path / "fresh.pt"), here)  # reloaded in a fresh process: identical
+    prompt = render_prompt("{thing} is {move}", [image, video])
+    together = predict(backbone, [prompt])
+    for method in (video, image):  # each concept's binders contribute, and detach/attach is exact
+        method.detach(backbone)
+        assert not torch.equal(predict(backbone, [prompt]), together), method.name
+        method.attach(backbone)
+        assert torch.equal(predict(backbone, [prompt]), together)
+    out = compose(compose_config("compose", [f"concepts=[{video_folder},{image_folder}]", "prompt='{thing} is {move}'", "count=1",
+                                             "steps=2", f"output={tmp_path / 'render'}"]))
+    assert json.loads((out / "compose.json").read_text())["expanded_prompt"] == prompt
 
 
 # composition ------------------------------------------------------------------------------------

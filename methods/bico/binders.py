@@ -10,7 +10,8 @@ Hierarchy (per cross-attention site b, on the context after the backbone's own t
                                                        context (not cumulative over sites)
 `where` (not `* mask`) keeps every unmasked position bit-identical, whatever the binder computes.
 
-Temporal disentanglement (videos, stage 2) swaps a binder for a dual-branch one:
+Temporal disentanglement (video concepts) uses dual-branch binders; stage 1 (frames) trains the
+spatial branch alone, stage 2 (whole clips) the mix:
     f(x) = g(x) * spatial(x) + (1 - g(x)) * motion(x),  g = gate(LN(x) -> Linear(d, 1), bias 2)
 `gate_values` gives g for the two gate kinds (see README.md: the official code's gate is always 1).
 """
@@ -38,7 +39,7 @@ class Binder(nn.Module):
 def gate_values(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """logits (..., 1) -> the spatial branch's weight g in [0, 1].
 
-    sigmoid: sigma(logits); with the initial zero weight every token starts at sigma(2) = 0.8808.
+    sigmoid: sigma(logits); at the bias alone (2) that is sigma(2) = 0.8808.
     code:    softmax over the size-1 last axis, as the official code computes it: exactly 1 for every
              input, so the motion branch never contributes and never receives a gradient."""
     if kind == "sigmoid":
@@ -49,9 +50,15 @@ def gate_values(logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class DualBranchBinder(nn.Module):
-    """Spatial + motion branches mixed per token by a gate. Both branches start as copies of the
-    stage-1 binder (so the stage starts exactly where stage 1 ended, whatever the gate); the gate's
-    weight starts at zero so g starts at the same value for every token."""
+    """Spatial + motion branches mixed per token by a gate. At the start of stage 2 the motion branch
+    becomes a copy of the trained spatial branch (`restart_motion`), so the stage starts where stage 1
+    ended (g * s + (1 - g) * s = s, up to float rounding), whatever the gate.
+
+    The gate's Linear keeps PyTorch's default (random, seeded by the caller) weight, as in the
+    official code, with bias 2: g differs from token to token, which is what lets the two identical
+    branches drift apart. With one g for every token (a zero gate weight) both branches' gradients
+    are proportional, Adam's normalised steps are then equal, and the branches would stay copies of
+    each other (only Adam's epsilon breaks the tie)."""
 
     def __init__(self, spatial: Binder, gate: str = "sigmoid"):
         super().__init__()
@@ -64,8 +71,14 @@ class DualBranchBinder(nn.Module):
         self.motion.load_state_dict(spatial.state_dict())
         self.gate_norm = nn.LayerNorm(width)
         self.gate = nn.Linear(width, 1)
-        nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, GATE_BIAS)
+
+    def restart_motion(self) -> None:
+        """motion <- spatial, in place: the start of stage 2 (the spatial branch holds the stage-1
+        binder), so the dual binder computes what the stage-1 binder computed."""
+        with torch.no_grad():
+            for mine, theirs in zip(self.motion.parameters(), self.spatial.parameters()):
+                mine.copy_(theirs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = gate_values(self.gate(self.gate_norm(x)), self.kind)

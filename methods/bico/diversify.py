@@ -1,10 +1,18 @@
-"""Diversified training prompts for one concept source.
+"""Diversified training prompts for one concept source, and the per-frame prompts of a video concept.
 
 The official pipeline asks Qwen2.5-VL-7B-Instruct for 60 prompts describing the source. conceptkit
 asks the vision-language model the user configures (`method.vlm`: a hub id or local folder, any
 transformers image-text-to-text model, through conceptkit.captioning), or, without one, varies the
 wording offline with fixed templates around the description (and warns: the offline prompts vary
 the frame, not the content, so the binders see less diverse text).
+
+Video concepts train their first stage on the clip's frames as images (temporal disentanglement).
+The official code gives every frame its own prompt, written by the VLM from that frame and the
+clip's spatial concept phrases only (motion phrases removed). `per_frame_prompts` returns one list of
+candidate prompts per frame: the user's `method.frame_prompts` (every frame draws from it), else the
+VLM's one prompt per frame, else still-image wordings derived from the clip's prompts: the user's
+`method.prompts`, or the offline templates (without the one that says "video") around the
+description and that clip's caption.
 """
 
 from __future__ import annotations
@@ -22,9 +30,16 @@ TEMPLATES = (
     "a snapshot of {d}",
 )
 
+# Still-image wordings for a clip's frames: a frame is an image, so no template that says "video".
+STILL_TEMPLATES = tuple(t for t in TEMPLATES if "video" not in t)
+
 INSTRUCTION = ("Write {count} different prompts for a text-to-video model that would reproduce what this image "
                "shows: the subject, its appearance and its surroundings. Each prompt one sentence of 10 to 40 "
                "words, varied in wording. One prompt per line, no numbering.")
+
+FRAME_INSTRUCTION = ("Write one prompt for a text-to-image model that would reproduce this still frame of a video: "
+                     "the subject, its appearance and its surroundings. Describe what is visible, not motion or "
+                     "change over time. One sentence of 10 to 40 words, no numbering.")
 
 
 def offline_prompts(description: str, caption: str | None, count: int) -> list[str]:
@@ -71,3 +86,44 @@ def diversified_prompts(description: str, caption: str | None, count: int, vlm: 
                       "description (less diverse than the paper's VLM prompts); set method.vlm=<Qwen2.5-VL id or "
                       "folder> or method.prompts=[...]", stacklevel=2)
     return offline_prompts(description, caption, count)
+
+
+def still_prompts(description: str, caption: str | None) -> list[str]:
+    """Offline wordings of one clip's frames: every still template around the description and the caption."""
+    bases = [description] + ([caption] if caption and caption != description else [])
+    return [template.format(d=base) for base in bases for template in STILL_TEMPLATES]
+
+
+def per_frame_prompts(description: str, captions: list[str | None], frames: int, vlm: str | None = None,
+                      images: list | None = None, own: list[str] | None = None,
+                      clip_prompts: list[str] | None = None) -> list[list[str]]:
+    """Stage-1 prompts of a video concept: one candidate list per frame, clip by clip (frame k of clip n
+    at n * frames + k). `images` (PIL, same order) are needed only when the VLM writes them."""
+    count = len(captions) * frames
+    if own:
+        pool = [str(p).strip() for p in own if str(p).strip()]
+        if not pool:
+            raise UserError("method.frame_prompts is a list of empty strings; give still-image prompts or set it to null")
+        return [list(pool) for _ in range(count)]
+    clip_pool = [str(p).strip() for p in clip_prompts or [] if str(p).strip()]
+
+    def derived(k: int) -> list[str]:
+        return list(clip_pool) if clip_pool else still_prompts(description, captions[k // frames])
+
+    if vlm:
+        from conceptkit.captioning import caption_images
+
+        answers = caption_images(list(images), vlm, instruction=FRAME_INSTRUCTION, max_new_tokens=80)
+        written = [parse_prompt_lines(answer or "", 1) for answer in answers]
+        prompts = [lines or derived(k) for k, lines in enumerate(written)]
+        failed = sum(1 for lines in written if not lines)
+        if failed:
+            warnings.warn(f"method.vlm {vlm!r} wrote no usable prompt for {failed} of {count} frames; those frames "
+                          f"train with prompts derived from the clip's", stacklevel=2)
+        return prompts
+    source = ("method.prompts (motion words included)" if clip_pool
+              else "offline still-image wordings of the description and caption")
+    warnings.warn(f"this video concept's frames (stage 1) train with {source}, not per-frame prompts; set "
+                  f"method.frame_prompts=[...] (still-image wording, no motion) or method.vlm=<Qwen2.5-VL id or folder>",
+                  stacklevel=2)
+    return [derived(k) for k in range(count)]

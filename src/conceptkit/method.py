@@ -7,7 +7,8 @@ hooks, PEFT adapters, token rows) and `detach` undoes exactly that.
 
 Life cycle
   training:  m = Method(**cfg); m.initialize(backbone, data); m.attach(backbone);
-             for stage in m.stages(): m.begin_stage(stage, backbone); ... m.training_loss(...)
+             for stage in m.stages(): m.begin_stage(stage, backbone);
+                 ... m.training_loss(TrainBatch(..., data=m.stage_data(stage, data)), ...)
   loading:   m = Method(**hparams); m.import_info(info); m.attach(backbone); m.load_state_dict(tensors)
 """
 
@@ -44,6 +45,9 @@ class TrainingData:
     captions: list[str | None]  # one per item, None where none was given
     names: list[str]  # file names, in the (sorted) order of `latents`
     frames: int  # 1 for images
+    # The media before the VAE, (N, 3, F, H, W) in [-1, 1] on the CPU, for methods that encode them
+    # another way (BiCo trains a clip's frames as images); None where the data has no pixels.
+    pixels: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -100,6 +104,11 @@ class ConceptMethod(nn.Module):
     def begin_stage(self, stage: Stage, backbone) -> None:
         """Set requires_grad for this stage and precompute what the stage keeps fixed."""
         raise NotImplementedError
+
+    def stage_data(self, stage: Stage, data: TrainingData) -> TrainingData:
+        """The media this stage trains on: `data` itself unless the method trains a stage on another
+        view of it (BiCo's first video stage: the clip's frames as images)."""
+        return data
 
     def param_groups(self, stage: Stage) -> list[dict]:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -74,6 +74,7 @@ def measure_pair(method_name: str, backbone_name: str, steps: int, warmup: int, 
     records = []
     for stage_index, stage in enumerate(method.stages()):
         method.begin_stage(stage, backbone)
+        stage_data = method.stage_data(stage, data)
         params = [p for g in method.param_groups(stage) for p in g["params"]]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
         micro = 0
@@ -81,8 +82,9 @@ def measure_pair(method_name: str, backbone_name: str, steps: int, warmup: int, 
         def optimizer_step():
             nonlocal micro
             for _ in range(stage.accumulate):
-                batch = TrainBatch(indices=batch_indices(0, stage_index, micro, stage.batch_size, data.count).to(device),
-                                   data=data, generator=micro_step_generator(0, stage_index, micro))
+                batch = TrainBatch(indices=batch_indices(0, stage_index, micro, stage.batch_size,
+                                                         stage_data.count).to(device),
+                                   data=stage_data, generator=micro_step_generator(0, stage_index, micro))
                 with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss = method.training_loss(batch, backbone, stage)["loss"]
                 (loss / stage.accumulate).backward()

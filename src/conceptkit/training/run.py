@@ -59,10 +59,18 @@ def default_output(cfg: DictConfig) -> Path:
 
 def build_parts(cfg: DictConfig):
     """Backbone (loaded) and method (not yet initialised) from the config."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     backbone = instantiate(cfg.backbone).load()
-    method = instantiate(cfg.method, concept_name=cfg.name)
+    try:
+        method = instantiate(cfg.method, concept_name=cfg.name)
+    except InstantiationException as error:
+        # Hydra wraps what the constructor raised in a multi-line message; a bad hyperparameter's
+        # UserError is the one line users should see.
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
     return backbone, method
 
 
@@ -74,7 +82,8 @@ def prepare_data(cfg: DictConfig, backbone):
     media = load_media(cfg.data.images, backbone.resolution, frames, backbone.is_video, cfg.data.captions,
                        cfg.data.captioner)
     latents = backbone.encode_media(media.pixels)
-    return TrainingData(latents=latents, captions=media.captions, names=media.names, frames=media.pixels.shape[2])
+    return TrainingData(latents=latents, captions=media.captions, names=media.names, frames=media.pixels.shape[2],
+                        pixels=media.pixels)
 
 
 CONCEPT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -169,7 +178,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             summary["stages"].append(json.loads(done.with_suffix(".json").read_text()))
             continue
         method.begin_stage(stage, backbone)
-        module = ConceptTrainingModule(method, backbone, data, stage, index, cfg.seed)
+        module = ConceptTrainingModule(method, backbone, method.stage_data(stage, data), stage, index, cfg.seed)
         checkpoint_dir = partial / "checkpoints" / stage.name
         # No version counter: a resumed run must overwrite last.ckpt, not write last-v1.ckpt beside it
         # (a second resume would otherwise load the stale first checkpoint).
