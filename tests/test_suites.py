@@ -32,7 +32,12 @@ def test_subject_references_and_metrics_on_ground_truth(tmp_path):
     train = {b for b, _ in TRAIN_BACKGROUNDS}
     scores = score_subject(images, wanted, ("star", "red", "striped"), train)
     assert scores["concept_fidelity"] == 1.0 and scores["prompt_fidelity"] == 1.0 and scores["leakage"] == 0.0
+    assert scores["shape_fidelity"] == scores["colour_fidelity"] == scores["pattern_fidelity"] == 1.0
     assert scores["diversity"] > 0
+    # one factor right is counted for that factor only (the concept is the red striped star)
+    scores = score_subject(images, wanted, ("star", "blue", "dotted"), train)
+    assert (scores["shape_fidelity"], scores["colour_fidelity"], scores["pattern_fidelity"]) == (1.0, 0.0, 0.0)
+    assert scores["concept_fidelity"] == 0.0
     # a training image shown for a test prompt is leakage, and a wrong object is no fidelity
     leaked = [np.asarray(Image.open(files[0]))] * 2
     scores = score_subject(leaked, ["sand", "teal"], ("circle", "blue", "dotted"), train)
@@ -69,6 +74,7 @@ def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
 
 def test_shapes_subject_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     from conceptkit.bench import run_suite
+    from conceptkit.bench.suites import SUBJECT_METRICS
     from conceptkit.config import compose
 
     cfg = compose("bench", ["suite=shapes_subject", "methods=[textual_inversion,conceptprism]",
@@ -80,7 +86,7 @@ def test_shapes_subject_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     assert [(r["method"], r["concept"]) for r in results["records"]] == [
         ("textual_inversion", "red_striped_star"), ("conceptprism", "red_striped_star")]
     for record in results["records"]:
-        for metric in ("concept_fidelity", "prompt_fidelity", "leakage", "diversity", "drift"):
+        for metric in SUBJECT_METRICS:
             assert isinstance(record[metric], float)
         assert (tmp_path / record["grid"]).is_file()
     assert "| conceptprism |" in (tmp_path / "report.md").read_text()
@@ -118,8 +124,8 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
         assert isinstance(record["word_fidelity"], float) and isinstance(record["separation"], float)
         assert (tmp_path / record["grid"]).is_file()
     prompts = {(r["variant"], r["word"]): r["prompts"] for r in results["records"]}
-    assert prompts[("mcpl", "red_striped_star")][0] == "a photo of a <pair0/red_striped_star>"
-    assert prompts[("textual_inversion", "blue_dotted_circle")][0] == "a photo of a <pair0>"
+    assert prompts[("mcpl", "red_striped_star")][0] == "a picture of a large <pair0/red_striped_star>"
+    assert prompts[("textual_inversion", "blue_dotted_circle")][0] == "a picture of a large <pair0>"
     assert results["settings"]["variants"]["mcpl_no_reg"] == ["mcpl", "method.mask=skip", "method.contrastive_weight=0"]
     assert "| mcpl_no_reg | mcpl | method.mask=skip method.contrastive_weight=0 |" in (tmp_path / "report.md").read_text()
     assert not (tmp_path / "work").exists()

@@ -98,6 +98,7 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
     precision: str
     overrides: list
     suite_backbone: str
+    suite_backbone_path: str | None
     concepts: int
     train_steps: Any
     train_overrides: list

@@ -30,8 +30,8 @@ SD15_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     prediction_type="epsilon", clip_sample=False, steps_offset=1,
 )
-# The ShapeWorld toy (8x8 latents) departs from SD1.5's objective: with SD1.5's schedule the last
-# timestep keeps ~7 % of the signal, and on an 8x8 grid the mean of the starting noise is large enough
+# The ShapeWorld toy departs from SD1.5's objective: with SD1.5's schedule the last timestep keeps
+# ~7 % of the signal, and on a small latent grid (measured on 8x8) the mean of the starting noise is large enough
 # that the sampler reads the image's average colour (the background) from the noise instead of the
 # prompt (measured: backgrounds followed the seed, not the prompt). Zero terminal SNR with
 # v-prediction and trailing timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample

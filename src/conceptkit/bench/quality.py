@@ -104,7 +104,9 @@ def run_base_quality(cfg) -> Path:
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    backbone = instantiate(compose("train", [f"backbone={cfg.suite_backbone}"]).backbone).load()
+    from conceptkit.bench.suites import suite_backbone_overrides
+
+    backbone = instantiate(compose("train", suite_backbone_overrides(cfg)).backbone).load()
     started = time.time()
     results = measure(backbone, cfg.quality_prompts, cfg.seed, cfg.sample_steps, cfg.guidance)
     record = {"version": 1, "suite": "base_quality", "backbone": cfg.suite_backbone, "identity": backbone.identity(),
