@@ -40,6 +40,13 @@ def test_pretrain_writes_a_backbone_that_trains_concepts(tmp_path, family):
     concept = train(compose("train", [f"backbone={family}_shapes", f"backbone.path={folder}", "experiment=smoke",
                                       "sample.count=1", f"output={tmp_path / 'c.concept'}"]))
     assert (concept / "samples").is_dir()
+    if family == "sd15":  # the quality suites score a pretrain output before it replaces the shipped weights
+        from conceptkit.bench import run_suite
+
+        run_suite(compose("bench", ["suite=base_quality", "suite_backbone=sd15_shapes", f"suite_backbone_path={folder}",
+                                    "quality_prompts=2", "sample_steps=2", f"output={tmp_path / 'quality'}"]))
+        record = json.loads((tmp_path / "quality" / "results.json").read_text())
+        assert record["identity"]["id"] == str(folder) and record["results"]["pretrain"]["samples"] == 2
 
 
 def test_pretrain_is_reproducible_from_the_seed(tmp_path):

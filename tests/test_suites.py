@@ -93,6 +93,18 @@ def test_shapes_subject_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_a_missing_suite_backbone_folder_is_one_clear_line(tmp_path):
+    from conceptkit.bench import run_suite
+    from conceptkit.config import compose
+    from conceptkit.errors import UserError
+
+    for suite in ("base_quality", "shapes_subject"):
+        with pytest.raises(UserError, match="suite_backbone_path: .*no_such_folder is not a folder"):
+            run_suite(compose("bench", [f"suite={suite}", f"suite_backbone_path={tmp_path / 'no_such_folder'}",
+                                        f"output={tmp_path / 'out'}"]))
+    assert not (tmp_path / "out").exists()
+
+
 def test_unready_suites_say_why():
     from conceptkit.bench import run_suite
     from conceptkit.config import compose

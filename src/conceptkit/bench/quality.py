@@ -100,13 +100,12 @@ def measure(backbone, count: int, seed: int, steps: int, guidance: float, batch:
 def run_base_quality(cfg) -> Path:
     from hydra.utils import instantiate
 
+    from conceptkit.bench.suites import suite_backbone_overrides
     from conceptkit.config import compose
 
+    backbone = instantiate(compose("train", suite_backbone_overrides(cfg)).backbone).load()
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
-    from conceptkit.bench.suites import suite_backbone_overrides
-
-    backbone = instantiate(compose("train", suite_backbone_overrides(cfg)).backbone).load()
     started = time.time()
     results = measure(backbone, cfg.quality_prompts, cfg.seed, cfg.sample_steps, cfg.guidance)
     record = {"version": 1, "suite": "base_quality", "backbone": cfg.suite_backbone, "identity": backbone.identity(),

@@ -170,9 +170,9 @@ def _suite_setup(cfg):
 
     from conceptkit.config import compose
 
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
     backbone = instantiate(compose("train", suite_backbone_overrides(cfg)).backbone).load()
+    output = Path(cfg.output)  # created once the backbone loaded: a bad backbone leaves no folder behind
+    output.mkdir(parents=True, exist_ok=True)
     return output, output / "work", backbone, dict(steps=cfg.sample_steps, guidance=cfg.guidance)
 
 
