@@ -1,7 +1,7 @@
 """ShapeWorld toy sizes of the real architectures (`architecture=shapes`).
 
-Small enough to pretrain on a CPU, large enough to learn the ShapeWorld (64 px images; 16x16 latents
-for the image backbone, 8x8 per frame for the video one).
+Small enough to pretrain on a CPU, large enough to learn the ShapeWorld (64 px images and 9-frame
+clips; 16x16 latents per image or frame).
 `conceptkit pretrain` trains these from the seeded random init built here; the trained weights ship
 in diffusers format under conceptkit/assets/backbones/<family>_shapes/.
 """

@@ -241,7 +241,7 @@ SUBJECT_METRICS = ("concept_fidelity", "shape_fidelity", "colour_fidelity", "pat
 
 def write_suite_results(output: Path, suite: str, cfg, records: list[dict], notes: dict) -> None:
     results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "settings": {k: cfg[k] for k in ("methods", "suite_backbone", "concepts", "train_steps",
+               "settings": {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
                                                 "samples_per_prompt", "sample_steps", "guidance", "seed")},
                "notes": notes, "records": records}
     (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
@@ -424,7 +424,7 @@ MULTI_METRICS = ("word_fidelity", "separation")
 
 
 def _write_multi_results(output: Path, cfg, variants, records: list[dict]) -> None:
-    settings = {k: cfg[k] for k in ("methods", "suite_backbone", "concepts", "train_steps", "samples_per_prompt",
+    settings = {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps", "samples_per_prompt",
                                     "sample_steps", "guidance", "seed")}
     settings["variants"] = {label: [method, *extra] for label, method, extra in variants}
     results = {"version": 1, "suite": "shapes_multi", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
