@@ -101,3 +101,29 @@ def test_a_finished_stage_continues_to_a_longer_budget_exactly(tmp_path):
 
     with pytest.raises(UserError, match="already ran 4 steps"):
         _pretrain("sd15", tmp_path / "b", *common, "denoiser.steps=3", "resume=true", "overwrite=true")
+
+
+def test_init_continues_an_earlier_output_and_vae_steps_zero_keeps_its_vae(tmp_path):
+    """init=<folder> starts every part from that output; vae.steps=0 keeps its VAE and latent scale
+    (the denoiser was trained at that scale); the recipe records the earlier recipe."""
+    first = _pretrain("sd15", tmp_path / "a", "corpus.orientation=random")
+    second = _pretrain("sd15", tmp_path / "b", f"init={first}", "vae.steps=0")
+    for part, name in (("vae", "diffusion_pytorch_model"), ("unet", "diffusion_pytorch_model")):
+        before = load_file(str(first / part / f"{name}.safetensors"))
+        after = load_file(str(second / part / f"{name}.safetensors"))
+        same = all(torch.equal(before[k], after[k]) for k in before)
+        assert same if part == "vae" else not same, part  # the VAE kept, the denoiser trained on
+    scale = lambda folder: json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]  # noqa: E731
+    assert scale(second) == scale(first)
+    recipe = json.loads((second / "recipe.json").read_text())["training"]
+    assert recipe["stages"][0] == {"name": "vae", "steps": 0, "from": str(first)}
+    assert recipe["init"]["training"]["corpus"]["orientation"] == "random"
+
+    from conceptkit.errors import UserError
+
+    with pytest.raises(UserError, match="vae.steps=0 needs init"):
+        _pretrain("sd15", tmp_path / "c", "vae.steps=0")
+    with pytest.raises(UserError, match="no recipe.json"):
+        _pretrain("sd15", tmp_path / "d", f"init={tmp_path}")
+    with pytest.raises(UserError, match="not this backbone's architecture"):
+        _pretrain("wan21", tmp_path / "e", f"init={first}")

@@ -268,3 +268,15 @@ def test_clip_oracle_survives_noise_and_blur(clip_scenes):
     readings = [read_clip(np.stack([degrade(frame, rng) for frame in clip])) for clip in clips]
     check(accuracies(readings, scenes), IMAGE_FACTORS + ("direction", "speed"), 0.95,
           f"noisy blurred clips (n={len(scenes)})")
+
+
+def test_upright_orientation_draws_the_same_scene_with_every_angle_zero():
+    for seed in range(5):
+        tilted = sample_scene(np.random.default_rng(seed), clip_frames=9)
+        upright = sample_scene(np.random.default_rng(seed), clip_frames=9, orientation="upright")
+        assert all(o.orientation == 0.0 for o in upright.objects)
+        assert any(o.orientation != 0.0 for o in tilted.objects)
+        assert [(o.combo, o.size, o.centre) for o in upright.objects] == [(o.combo, o.size, o.centre) for o in tilted.objects]
+        assert upright.background == tilted.background and upright.motions == tilted.motions
+    with pytest.raises(ValueError, match="orientation"):
+        sample_scene(np.random.default_rng(0), orientation="sideways")

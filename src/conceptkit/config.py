@@ -123,6 +123,7 @@ class PretrainSettings:
     denoiser: Any = None
     output: str | None = None
     seed: int = 0
+    init: str | None = None
     resume: bool = False
     overwrite: bool = False
     debug: bool = False
@@ -133,6 +134,7 @@ class CorpusSettings:  # values live in conf/pretrain.yaml; these classes only n
     images: int
     clips: int
     clip_fraction: float
+    orientation: str
 
 
 @dataclass

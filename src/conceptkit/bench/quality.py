@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conceptkit.world.factors import TOY_ORIENTATION
+
 
 def quality_cases(split: str, count: int, seed: int, clip_frames: int | None):
     from conceptkit.world.captions import caption_scene
@@ -26,7 +28,8 @@ def quality_cases(split: str, count: int, seed: int, clip_frames: int | None):
     allowed = {"direction": [d for d in DIRECTIONS if d != "none"]} if clip_frames else {}
     cases = []
     for _ in range(count):
-        scene = sample_scene(rng, n_objects=1, split=split, allowed=allowed, clip_frames=clip_frames)
+        scene = sample_scene(rng, n_objects=1, split=split, allowed=allowed, clip_frames=clip_frames,
+                             orientation=TOY_ORIENTATION)
         cases.append((caption_scene(scene, rng), scene))
     return cases
 
@@ -64,7 +67,7 @@ def reconstruction_accuracy(backbone, count: int, seed: int) -> dict:
 
     rng = np.random.default_rng(seed)
     clip_frames = backbone.default_frames if backbone.is_video else None
-    scenes = [sample_scene(rng, clip_frames=clip_frames) for _ in range(count)]
+    scenes = [sample_scene(rng, clip_frames=clip_frames, orientation=TOY_ORIENTATION) for _ in range(count)]
     arrays = [render_clip(s, clip_frames, backbone.resolution) if clip_frames else render_scene(s, backbone.resolution)[None]
               for s in scenes]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from conceptkit.errors import UserError
+from conceptkit.world.factors import TOY_ORIENTATION
 
 TRAIN_BACKGROUNDS = (("sky", "plain"), ("grass", "noise"), ("navy", "gradient"), ("pink", "plain"))
 TEST_BACKGROUNDS = ("sand", "teal")
@@ -65,7 +66,7 @@ def write_subject_references(combo, folder: Path, seed: int, resolution: int = 6
     for i, (background, background_pattern) in enumerate(TRAIN_BACKGROUNDS):
         allowed = {"shape": [shape], "colour": [colour], "pattern": [pattern], "size": ["large"],
                    "background_colour": [background], "background_pattern": [background_pattern]}
-        scene = sample_scene(rng, n_objects=1, split="heldout", allowed=allowed)
+        scene = sample_scene(rng, n_objects=1, split="heldout", allowed=allowed, orientation=TOY_ORIENTATION)
         Image.fromarray(render_scene(scene, resolution)).save(folder / f"{i}_{background}.png")
         (folder / f"{i}_{background}.txt").write_text(caption_scene(scene, rng) + "\n")
     return SubjectCase(name=concept_name(combo), combo=tuple(combo), folder=folder)
@@ -282,7 +283,7 @@ def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64)
         raise UserError("shapes_multi takes two held-out combinations")
     rng = np.random.default_rng(seed)
     for _ in range(1000):
-        scene = sample_scene(rng, n_objects=2, split="heldout", allowed={"size": ["large"]})
+        scene = sample_scene(rng, n_objects=2, split="heldout", allowed={"size": ["large"]}, orientation=TOY_ORIENTATION)
         if sorted(o.combo for o in scene.objects) == sorted(tuple(c) for c in combos):
             break
     else:
@@ -465,10 +466,11 @@ def write_motion_references(subject_combo, direction: str, folder: Path, seed: i
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     subject = sample_scene(rng, n_objects=1, split="heldout", allowed={
-        "shape": [shape], "colour": [colour], "pattern": [pattern], "size": ["large"]})
+        "shape": [shape], "colour": [colour], "pattern": [pattern], "size": ["large"]}, orientation=TOY_ORIENTATION)
     Image.fromarray(render_scene(subject, resolution)).save(folder / "subject.png")
     mover = sample_scene(rng, n_objects=1, split="pretrain", clip_frames=frames,
-                         allowed={"direction": [direction], "speed": ["fast"], "rotation": ["none"]})
+                         allowed={"direction": [direction], "speed": ["fast"], "rotation": ["none"]},
+                         orientation=TOY_ORIENTATION)
     clip = render_clip(mover, frames, resolution)
     iio.imwrite(folder / "motion.mp4", clip, fps=8, codec="libx264", macro_block_size=1)
     return folder / "subject.png", folder / "motion.mp4"

@@ -38,7 +38,8 @@ class Corpus:
     clips: torch.Tensor | None  # (M, 3, F, H, W) uint8, video backbones only
 
 
-def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: int, progress=print) -> Corpus:
+def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: int, orientation: str = "random",
+                 progress=print) -> Corpus:
     from conceptkit.world.factors import sample_scene
     from conceptkit.world.render import render_clip, render_scene
 
@@ -46,13 +47,13 @@ def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: in
     scenes, image_arrays, clip_arrays = [], [], []
     started = time.time()
     for i in range(images):
-        scene = sample_scene(rng, split="pretrain")
+        scene = sample_scene(rng, split="pretrain", orientation=orientation)
         scenes.append(scene)
         image_arrays.append(render_scene(scene, resolution))
         if (i + 1) % 5000 == 0:
             progress(f"  rendered {i + 1}/{images} images ({time.time() - started:.0f} s)")
     for i in range(clips):
-        scene = sample_scene(rng, split="pretrain", clip_frames=frames)
+        scene = sample_scene(rng, split="pretrain", clip_frames=frames, orientation=orientation)
         scenes.append(scene)
         clip_arrays.append(render_clip(scene, frames, resolution))
     as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).contiguous()  # noqa: E731
@@ -68,8 +69,11 @@ class BackbonePretraining(nn.Module):
     """The trainable parts of a toy backbone (registered here, so Lightning checkpoints them) and the
     two pretraining stages, behind the same stage interface as a ConceptMethod."""
 
-    def __init__(self, backbone, corpus: Corpus, vae: DictConfig, denoiser: DictConfig, clip_fraction: float):
+    def __init__(self, backbone, corpus: Corpus, vae: DictConfig, denoiser: DictConfig, clip_fraction: float,
+                 keep_latent_scale: bool = False):
         super().__init__()
+        # A VAE taken with init=<folder> keeps the latent scale its denoiser was trained with.
+        self.keep_latent_scale = keep_latent_scale
         self.text_encoder, self.denoiser, self.vae = backbone.text_encoder, backbone.denoiser, backbone.vae
         self.corpus = corpus
         self.vae_cfg, self.denoiser_cfg = vae, denoiser
@@ -91,7 +95,8 @@ class BackbonePretraining(nn.Module):
         self.text_encoder.requires_grad_(True).train()
         self.denoiser.requires_grad_(True).train()
         if not self._latents:
-            self.measure_latent_scale(backbone)
+            if not self.keep_latent_scale:
+                self.measure_latent_scale(backbone)
             # Frozen VAE from here on: encode the whole corpus once.
             self._latents["images"] = backbone.encode_media(_to_unit(self.corpus.images))
             if self.corpus.clips is not None:
@@ -151,6 +156,31 @@ class BackbonePretraining(nn.Module):
         return {"loss": F.mse_loss(prediction.float(), noisy.target.float())}
 
 
+def start_from(backbone, source: Path) -> dict:
+    """`init=<folder>`: every trained module (text encoder, denoiser, VAE) starts from an earlier
+    `conceptkit pretrain` output instead of the seeded random init, e.g. to continue a shipped release
+    on a changed corpus. Returns that folder's recipe.json, which the new recipe records."""
+    recipe = source / "recipe.json"
+    if not recipe.is_file():
+        raise UserError(f"init={source} has no recipe.json; point it at a `conceptkit pretrain` output folder")
+    denoiser_dir = "unet" if backbone.family == "sd15" else "transformer"
+    for module, subfolder in ((backbone.text_encoder, "text_encoder"), (backbone.denoiser, denoiser_dir),
+                              (backbone.vae, "vae")):
+        try:
+            trained = type(module).from_pretrained(source, subfolder=subfolder)
+            module.load_state_dict(trained.state_dict())
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UserError(f"init={source}: its {subfolder} is not this backbone's architecture "
+                            f"({str(error).splitlines()[0]})") from None
+        if subfolder == "vae":
+            module.register_to_config(**{k: v for k, v in trained.config.items() if k in LATENT_STATISTICS})
+    backbone._set_latent_geometry()
+    return json.loads(recipe.read_text())
+
+
+LATENT_STATISTICS = ("scaling_factor", "latents_mean", "latents_std")  # SD's and Wan's keys in the VAE config
+
+
 def save_backbone(backbone, folder: Path, recipe: dict) -> None:
     staging = folder.with_name(folder.name + ".writing")
     shutil.rmtree(staging, ignore_errors=True)
@@ -188,22 +218,31 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     output = Path(cfg.output) if cfg.output else shipped_weights_folder(name)
     if output.exists() and not cfg.overwrite:
         raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+    for part in ("vae", "denoiser"):
+        if cfg[part].steps == 0 and not cfg.init:
+            raise UserError(f"{part}.steps=0 needs init=<folder> to take that part from")
+    L.seed_everything(cfg.seed, verbose=False)
+    backbone.load()
+    init_recipe = start_from(backbone, Path(cfg.init)) if cfg.init else None
     partial = output.with_name(output.name + ".partial")
     if partial.exists() and not cfg.resume:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, verbose=False)
-    backbone.load()
     started = time.time()
     clips = cfg.corpus.clips if backbone.is_video else 0
     print(f"rendering the ShapeWorld corpus: {cfg.corpus.images} images, {clips} clips (seed {cfg.seed})", flush=True)
-    corpus = build_corpus(cfg.corpus.images, clips, backbone.default_frames, backbone.resolution, cfg.seed)
-    trainable = BackbonePretraining(backbone, corpus, cfg.vae, cfg.denoiser, cfg.corpus.clip_fraction)
+    corpus = build_corpus(cfg.corpus.images, clips, backbone.default_frames, backbone.resolution, cfg.seed,
+                          cfg.corpus.orientation)
+    trainable = BackbonePretraining(backbone, corpus, cfg.vae, cfg.denoiser, cfg.corpus.clip_fraction,
+                                    keep_latent_scale=bool(cfg.init) and cfg.vae.steps == 0)
     data = TrainingData(latents=None, captions=[None] * corpus.images.shape[0],
                         names=[str(i) for i in range(corpus.images.shape[0])], frames=1)
     summary = {"seed": cfg.seed, "corpus": OmegaConf.to_container(cfg.corpus), "stages": [],
-               "render_seconds": round(time.time() - started, 1)}
+               "render_seconds": round(time.time() - started, 1), "init": init_recipe}
     for index, stage in enumerate(trainable.stages()):
+        if stage.steps == 0:  # e.g. vae.steps=0 with init=<folder>: keep that folder's VAE
+            summary["stages"].append({"name": stage.name, "steps": 0, "from": str(cfg.init)})
+            continue
         stage = stage_with_overrides(stage, cfg.trainer)
         done = partial / f"stage{index}_{stage.name}.safetensors"
         finished = json.loads(done.with_suffix(".json").read_text()) if cfg.resume and done.exists() else None
