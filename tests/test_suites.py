@@ -56,7 +56,16 @@ def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
     pair = np.asarray(Image.open(image_path))
     # the two-object image itself: each word present, but not separated
     assert score_multi([pair], ("star", "red", "striped"), ("circle", "blue", "dotted")) == {
-        "word_fidelity": 1.0, "separation": 0.0}
+        "word_fidelity": 1.0, "separation": 0.0, "shape_fidelity": 1.0, "colour_fidelity": 1.0,
+        "pattern_fidelity": 1.0, "colour_separation": 0.0}
+    # a red striped circle alone: the star word's colour and pattern, not its shape; blue absent
+    from conceptkit.world.factors import Background, ObjectSpec, Scene
+    from conceptkit.world.render import render_scene
+
+    circle = render_scene(Scene([ObjectSpec("circle", "red", "striped", "large", (0.5, 0.5))], Background("sand"), None))
+    assert score_multi([circle, pair], ("star", "red", "striped"), ("circle", "blue", "dotted")) == {
+        "word_fidelity": 0.5, "separation": 0.5, "shape_fidelity": 0.5, "colour_fidelity": 1.0,
+        "pattern_fidelity": 1.0, "colour_separation": 0.5}
     still, clip_path = write_motion_references(("heart", "green", "checkered"), "left", tmp_path / "motion", seed=0)
     clip = iio.imread(clip_path, index=None)
     mover = score_motion([clip], ("heart", "green", "checkered"), "left")

@@ -297,15 +297,24 @@ def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64)
 
 def score_multi(images_alone: list[np.ndarray], word_combo, other_combo) -> dict[str, float]:
     """Samples prompted with ONE learned word: that object present (word_fidelity) and the other
-    object absent (separation)."""
+    object absent (separation); per factor, an object with the word's shape / colour / pattern
+    (shape_, colour_, pattern_fidelity, each on its own as in shapes_subject) and no object in the
+    other word's colour (colour_separation; the pairs' objects differ in colour)."""
     from conceptkit.world.oracle import read_image
 
-    present, separate = [], []
+    present, separate, colour_apart = [], [], []
+    factors = {"shape": [], "colour": [], "pattern": []}
     for image in images_alone:
-        found = {(o.shape, o.colour, o.pattern) for o in read_image(image).objects}
+        objects = read_image(image).objects
+        found = {(o.shape, o.colour, o.pattern) for o in objects}
         present.append(tuple(word_combo) in found)
         separate.append(tuple(other_combo) not in found)
-    return {"word_fidelity": float(np.mean(present)), "separation": float(np.mean(separate))}
+        for factor, value in zip(factors, word_combo):
+            factors[factor].append(any(getattr(o, factor) == value for o in objects))
+        colour_apart.append(all(o.colour != other_combo[1] for o in objects))
+    return {"word_fidelity": float(np.mean(present)), "separation": float(np.mean(separate)),
+            **{f"{factor}_fidelity": float(np.mean(hits)) for factor, hits in factors.items()},
+            "colour_separation": float(np.mean(colour_apart))}
 
 
 MULTI_PROMPTS = ("a picture of a large {}", "a large {} on a plain {} background")  # the caption grammar (see subject_prompts)
@@ -421,7 +430,8 @@ def run_multi_suite(cfg) -> Path:
     return output
 
 
-MULTI_METRICS = ("word_fidelity", "separation")
+MULTI_METRICS = ("word_fidelity", "separation", "shape_fidelity", "colour_fidelity", "pattern_fidelity",
+                 "colour_separation")
 
 
 def _write_multi_results(output: Path, cfg, variants, records: list[dict]) -> None:
