@@ -114,13 +114,47 @@ def test_a_missing_suite_backbone_folder_is_one_clear_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unready_suites_say_why():
+def test_shapes_motion_runs_end_to_end_on_a_tiny_video_backbone(tmp_path):
+    """Pipeline only (1 step per stage, random tiny backbone): each method trains a subject concept on
+    the still and a motion concept on the clip, both are attached to one prompt, the clips are scored."""
+    from conceptkit.bench import run_suite
+    from conceptkit.bench.motion import MOTION_METRICS
+    from conceptkit.config import compose
+
+    cfg = compose("bench", ["suite=shapes_motion", "methods=[]", "suite_backbone=wan21_tiny", "concepts=1",
+                            "train_steps=1", "samples_per_prompt=1", "sample_steps=2", f"output={tmp_path}",
+                            "train_overrides=['trainer.accumulate=1']",
+                            "variants={bico:[bico,'method.prompt_count=2'],lora_both:[lora]}", "keep_work=true"])
+    with pytest.warns(UserWarning):  # BiCo without a VLM says its prompts are offline wordings
+        run_suite(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["variant"], r["concept"]) for r in results["records"]] == [
+        ("bico", "red_striped_star_left"), ("lora_both", "red_striped_star_left")]
+    bico, lora = results["records"]
+    assert bico["prompts"][0] == "a large <subject> <motion> on a plain sand background"
+    assert "object" in lora["prompts"][0] and "moving" in lora["prompts"][0]  # DreamBooth's class nouns
+    for role, word in (("subject", "object"), ("motion", "moving")):  # BiCo binds neutral descriptions
+        meta = json.loads((tmp_path / "work" / f"bico_red_striped_star_left_{role}.concept" / "concept.json").read_text())
+        assert meta["hparams"]["description"] == word
+    assert meta["method_info"]["clip_frames"] > 1  # the motion concept trained on the clip (dual-branch binders)
+    for record in results["records"]:
+        assert all(isinstance(record[m], float) for m in MOTION_METRICS)
+        assert (tmp_path / record["grid"]).is_file()
+    assert "| lora_both | lora | - |" in (tmp_path / "report.md").read_text()
+
+
+def test_shapes_motion_needs_a_video_backbone(tmp_path):
     from conceptkit.bench import run_suite
     from conceptkit.config import compose
     from conceptkit.errors import UserError
 
-    with pytest.raises(UserError, match="BiCo"):
-        run_suite(compose("bench", ["suite=shapes_motion"]))
+    with pytest.raises(UserError, match="makes images only; use a video backbone"):
+        run_suite(compose("bench", ["suite=shapes_motion", "methods=[bico]", "suite_backbone=sd15_tiny",
+                                    f"output={tmp_path / 'out'}"]))
+    with pytest.raises(UserError, match="concepts: shapes_motion has 1 to 8"):
+        run_suite(compose("bench", ["suite=shapes_motion", "methods=[bico]", "suite_backbone=wan21_tiny",
+                                    "concepts=9", f"output={tmp_path / 'out'}"]))
+    assert not (tmp_path / "out").exists()
 
 
 def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path):

@@ -25,8 +25,7 @@ def run_suite(cfg):
 
         return run_multi_suite(cfg)
     if cfg.suite == "shapes_motion":
-        from conceptkit.bench.suites import SUITE_METHODS
+        from conceptkit.bench.motion import run_motion_suite
 
-        raise UserError(f"suite {cfg.suite} scores {SUITE_METHODS[cfg.suite]}, which this install does not have yet; "
-                        f"its data and metrics are in conceptkit.bench.suites")
+        return run_motion_suite(cfg)
     raise UserError(f"unknown suite {cfg.suite!r}: choose one of {', '.join(SUITES)}")

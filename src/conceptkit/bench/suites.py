@@ -165,13 +165,16 @@ def suite_backbone_overrides(cfg) -> list[str]:
     return overrides
 
 
-def _suite_setup(cfg):
+def _suite_setup(cfg, video: bool = False):
     """The output and work folders, the suite's backbone (loaded) and the sampling settings."""
     from hydra.utils import instantiate
 
     from conceptkit.config import compose
 
     backbone = instantiate(compose("train", suite_backbone_overrides(cfg)).backbone).load()
+    if video and not backbone.is_video:
+        raise UserError(f"suite={cfg.suite} composes a motion from a clip: suite_backbone={cfg.suite_backbone} makes "
+                        f"images only; use a video backbone (wan21_shapes, wan21_tiny)")
     output = Path(cfg.output)  # created once the backbone loaded: a bad backbone leaves no folder behind
     output.mkdir(parents=True, exist_ok=True)
     return output, output / "work", backbone, dict(steps=cfg.sample_steps, guidance=cfg.guidance)
@@ -267,9 +270,7 @@ def write_suite_results(output: Path, suite: str, cfg, records: list[dict], note
     print("\n".join(lines[:6 + len(cfg.methods)]))
 
 
-# --- shapes_multi and shapes_motion: data and metrics, ready for the methods that need them -------
-
-SUITE_METHODS = {"shapes_motion": "methods that compose an image subject with a video motion (BiCo)"}
+# --- shapes_multi, and the references of shapes_motion (its runner: motion.py) ---------------------
 
 
 def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64) -> tuple[Path, str]:
