@@ -66,3 +66,37 @@ def _quiet_lightning():
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_vl(tmp_path_factory):
+    """A folder holding a tiny random Qwen2.5-VL (real classes, tests/tiny_qwen_vl.py), loadable by path
+    exactly like a hub model; built once per session (well under a second once transformers is imported)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the tiny Qwen2.5-VL is built with transformers 5's tokenizer and config API")
+    from tiny_qwen_vl import build_tiny_qwen25_vl
+
+    return build_tiny_qwen25_vl(tmp_path_factory.mktemp("qwen25_vl"))
+
+
+class GenerateSpy:
+    """Records what a VLM's `generate` was given and returned (install with monkeypatch, tests only);
+    `answer` (token ids), when set, replaces what the model wrote after the prompt."""
+
+    def __init__(self, monkeypatch, network_class, answer=None):
+        self.calls: list[dict] = []
+        self.answer = answer
+        original = network_class.generate
+
+        def generate(network, **inputs):
+            if self.answer is None:
+                output = original(network, **inputs)
+            else:  # as generate returns: the prompt, then the answer
+                prompt = inputs["input_ids"]
+                output = torch.cat([prompt, torch.tensor([self.answer], dtype=prompt.dtype).expand(len(prompt), -1)], 1)
+            self.calls.append(dict(inputs=dict(inputs), output=output))
+            return output
+
+        monkeypatch.setattr(network_class, "generate", generate)

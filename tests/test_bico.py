@@ -315,6 +315,35 @@ def test_video_stage2_starts_from_stage1(tmp_path):
     assert method.stage_favours("frames_all") == method.stage_favours("clip_all") == "high"
 
 
+def test_one_stage_ablation_trains_every_binder_throughout_with_the_backbones_timesteps(tmp_path, monkeypatch):
+    """method.two_stage=false (the paper's "w/o two-stage"): one `all` stage per phase with the whole
+    budget, no favoured timestep side; a video concept's motion branches still start at the clip stage."""
+    from conceptkit.method import TrainBatch
+
+    image = make_method("bico", "wan21_tiny", "x", "method.two_stage=false")
+    assert [(s.name, s.steps) for s in image.stages()] == [("all", 120 + 180)]
+    backbone, method, data = video_setup(tmp_path, "method.two_stage=false")
+    stages = {s.name: s for s in method.stages()}
+    assert [(s.name, s.steps) for s in method.stages()] == [("frames_all", 162 + 243), ("clip_all", 120 + 180)]
+    method.begin_stage(stages["clip_all"], backbone)
+    for binder in [method.global_binder, *method.block_binders]:  # motion restarted from spatial
+        for n, p in binder.spatial.named_parameters():
+            assert torch.equal(dict(binder.motion.named_parameters())[n], p)
+    assert all(p.requires_grad for p in method.parameters())
+    # timesteps: the backbone's own draw (make_noisy's), never the favoured-side sampler
+    import conceptkit.methods.bico as bico_module
+
+    def favoured_side_sampler(*args, **kwargs):
+        raise AssertionError("side_timesteps called")
+
+    monkeypatch.setattr(bico_module, "side_timesteps", favoured_side_sampler)
+    batch = TrainBatch(indices=torch.tensor([0]), data=data, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(method.training_loss(batch, backbone, stages["clip_all"])["loss"])
+    two_stage = make_method("bico", "wan21_tiny", "y", "method.prompts=[a thing moving]")
+    with pytest.raises(AssertionError, match="side_timesteps called"):  # the default samples by side
+        two_stage.training_loss(batch, backbone, two_stage.stages()[0])
+
+
 def test_global_stages_skip_the_per_block_binders_in_training(tmp_path):
     """Official: a `global` stage runs the global binder only. For an image concept that is what
     applying the (scale 0) per-block binders gives, bit for bit; in a video concept's clip stage the
@@ -582,6 +611,121 @@ def test_diversified_prompts_offline_fallback_own_list_and_vlm_errors(tmp_path):
     assert parse_prompt_lines('1. a dog runs fast\n- "a red dog sits"\n\nok\n', 5) == ["a dog runs fast", "a red dog sits"]
     with pytest.raises(UserError, match="data.captioner|cannot load"):
         diversified_prompts("x", None, 3, str(tmp_path / "no_model_here"), image=None)
+
+
+def _tiny_qwen_answer(tokenizer, text):
+    """Token ids a Qwen2.5-VL would write for `text`: the text, then <|im_end|> (where generation stops)."""
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_vlm_qwen25_chat_answer_is_parsed_into_prompts_or_falls_back(tiny_qwen_vl, monkeypatch):
+    """diversify through the tiny Qwen2.5-VL's chat path: the real (random) answer, a scripted answer
+    with list markers, and an empty one (the documented warning and the offline wordings)."""
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from conceptkit.captioning import load_vlm
+    from conceptkit.methods.bico.diversify import INSTRUCTION, diversified_prompts, offline_prompts, parse_prompt_lines
+
+    from conftest import GenerateSpy
+
+    spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration)
+    vlm = load_vlm(str(tiny_qwen_vl), setting="method.vlm")
+    image = Image.new("RGB", (32, 32), (200, 0, 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompts = diversified_prompts("a red square", None, 2, vlm, image=image)
+    (call,) = spy.calls
+    prompt = vlm.processor.tokenizer.decode(call["inputs"]["input_ids"][0])
+    assert INSTRUCTION.format(count=2) in prompt and prompt.count("<|vision_start|>") == 1
+    ids = call["inputs"]["input_ids"]
+    written = vlm.processor.tokenizer.decode(call["output"][0, ids.shape[1]:], skip_special_tokens=True)
+    parsed = parse_prompt_lines("\n".join(" ".join(line.split()) for line in written.splitlines()), 2)
+    fell_back = any("returned no usable prompts" in str(w.message) for w in caught)
+    if parsed:  # random weights: whichever way the gibberish goes, it is handled as documented
+        assert prompts == parsed and not fell_back
+    else:
+        assert prompts == offline_prompts("a red square", None, 2) and fell_back
+    answer = '1. a red square slides to the right\n\n- "a blue square moves down"\nok'
+    spy.answer = _tiny_qwen_answer(vlm.processor.tokenizer, answer)
+    assert diversified_prompts("x", None, 5, vlm, image=image) == ["a red square slides to the right",
+                                                                    "a blue square moves down"]
+    spy.answer = _tiny_qwen_answer(vlm.processor.tokenizer, "")
+    with pytest.warns(UserWarning, match=f"method.vlm '{tiny_qwen_vl}' returned no usable prompts"):
+        assert diversified_prompts("a dog", "a dog on grass", 3, vlm, image=image) == offline_prompts(
+            "a dog", "a dog on grass", 3)
+    vlm.release()
+
+
+def test_vlm_is_loaded_once_per_concept_and_sees_the_clip(tiny_qwen_vl, tmp_path, monkeypatch):
+    """A video concept: one load of the VLM for its clip prompts and its per-frame prompts, released
+    after; the clip prompts are written from 4 evenly spaced frames in one message (motion asked),
+    each frame's from that frame. An image concept keeps the one-image message."""
+    import numpy as np
+    from transformers import (AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                              Qwen2_5_VLForConditionalGeneration)
+
+    from conceptkit.captioning import VisionLanguageModel
+    from conceptkit.methods.bico import BiCo
+    from conceptkit.methods.bico.diversify import CLIP_INSTRUCTION, FRAME_INSTRUCTION, INSTRUCTION
+    from conceptkit.methods.bico.temporal import frame_images
+
+    from conftest import GenerateSpy
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_vl)  # loaded before the counters go in
+    decode = tokenizer.decode
+    loads, released = [], []
+    for cls in (AutoProcessor, AutoModelForImageTextToText):
+        original = cls.from_pretrained  # bound to its class: count the call, then load as usual
+
+        def counted(*args, _original=original, _name=cls.__name__, **kwargs):
+            loads.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", counted)
+    release = VisionLanguageModel.release
+
+    def counted_release(vlm):
+        released.append(vlm)
+        release(vlm)
+
+    monkeypatch.setattr(VisionLanguageModel, "release", counted_release)
+    # Scripted answers (generation itself runs in the test above): this test is about what is loaded and asked.
+    spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration,
+                      answer=_tiny_qwen_answer(tokenizer, "a red square on a grey background"))
+    _, method, data = video_setup(tmp_path, f"method.vlm={tiny_qwen_vl}", "method.prompt_count=2")
+    assert loads == ["AutoProcessor", "AutoModelForImageTextToText"]  # once, for both kinds of prompt
+    assert len(released) == 1 and released[0].released  # and let go before training
+    assert len(spy.calls) == 1 + 10  # the clip's prompts, then one per frame (2 clips x 5 frames)
+    clip_call, *frame_calls = spy.calls
+    assert CLIP_INSTRUCTION.format(frames=4, count=2) in decode(clip_call["inputs"]["input_ids"][0])
+    assert clip_call["inputs"]["image_grid_thw"].shape[0] == 4  # 4 frames in one message
+    assert all(c["inputs"]["image_grid_thw"].shape[0] == 1 and FRAME_INSTRUCTION in decode(c["inputs"]["input_ids"][0])
+               for c in frame_calls)
+    assert method.training_prompts == ["a red square on a grey background"]  # the answer's one line
+    assert method.frame_training_prompts == [["a red square on a grey background"]] * 10
+    # the frames shown are evenly spaced over the first clip, first and last included: 0, 1, 3, 4 of 5
+    views = BiCo._clip_views(None, data)
+    frames = frame_images(data)
+    assert len(views) == 4 and all(np.abs(np.asarray(v, int) - np.asarray(frames[k], int)).max() <= 1
+                                   for v, k in zip(views, [0, 1, 3, 4]))
+    # an image concept: one load, one message with its one image and the image instruction
+    loads.clear()
+    spy.calls.clear()
+    attached("sd15_tiny", "thing", f"method.vlm={tiny_qwen_vl}", "method.prompt_count=2")
+    (call,) = spy.calls
+    assert loads == ["AutoProcessor", "AutoModelForImageTextToText"] and len(released) == 2
+    assert call["inputs"]["image_grid_thw"].shape[0] == 1
+    assert INSTRUCTION.format(count=2) in decode(call["inputs"]["input_ids"][0])
+    # loaded only when it writes something; a path that does not load is one line naming method.vlm
+    loads.clear()
+    missing = tmp_path / "no_model_here"
+    video_setup(tmp_path / "own", f"method.vlm={missing}", "method.prompts=[a square moving]",
+                "method.frame_prompts=[a red square]")
+    assert loads == []
+    with pytest.raises(UserError, match="^method.vlm: cannot load captioning model") as error:
+        attached("sd15_tiny", "thing", f"method.vlm={missing}")
+    assert _one_line(error) and len(released) == 2
 
 
 # bad input --------------------------------------------------------------------------------------

@@ -102,3 +102,57 @@ def test_captioner_fills_only_missing_captions(tmp_path):
     assert generated and set(generated.split()) <= set(words)  # decoded by the model's own tokenizer
     with pytest.raises(UserError, match="data.captioner"):
         load_media(str(images / "b.png"), 32, 1, False, captioner=str(tmp_path / "no_model"))
+    # a captioner without a chat template takes one image: of several frames in one message, the first
+    from conceptkit.captioning import caption_images, load_vlm
+
+    blip = load_vlm(str(model))
+    red, green = Image.open(images / "a.png"), Image.open(images / "b.png")
+    assert not blip.chat and caption_images([[red, green], red], blip) == caption_images([red, red], blip)
+
+
+def test_qwen25_vl_chat_path_expands_images_and_generates(tiny_qwen_vl, monkeypatch):
+    """The chat branch of conceptkit.captioning on a tiny Qwen2.5-VL (real classes, random weights):
+    the chat template is applied, each image's span is expanded to its patch tokens, several images go
+    in one message, generation runs, and the answer is the decoded text after the prompt."""
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from conceptkit.captioning import VisionLanguageModel, caption_images, describe, load_vlm
+    from conceptkit.errors import UserError
+
+    from conftest import GenerateSpy
+
+    spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration)
+    vlm = load_vlm(str(tiny_qwen_vl))
+    assert isinstance(vlm.network, Qwen2_5_VLForConditionalGeneration) and vlm.chat
+    image = Image.new("RGB", (32, 32), (200, 0, 0))
+    frames = [Image.new("RGB", (32, 32), (0, 50 * k, 0)) for k in range(4)]
+    answers = caption_images([image, frames], vlm, instruction="Describe the red block.", max_new_tokens=6)
+    assert not vlm.released  # the caller's model stays open for its next question
+    tokenizer = vlm.processor.tokenizer
+    pad = vlm.processor.image_token_id
+    for call, answer, count in zip(spy.calls, answers, (1, 4)):
+        inputs, output = call["inputs"], call["output"]
+        ids = inputs["input_ids"][0]
+        prompt = tokenizer.decode(ids, skip_special_tokens=False)
+        assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+        assert "Describe the red block.<|im_end|>" in prompt
+        assert prompt.count("<|vision_start|><|image_pad|>") == count  # one span per image, one message
+        grid = inputs["image_grid_thw"]  # (images, 3): patches in time, height, width; 2x2 merged per token
+        assert grid.tolist() == [[1, 4, 4]] * count and inputs["pixel_values"].shape[0] == 16 * count
+        assert int((ids == pad).sum()) == 4 * count  # the span expanded to the image's 4 merged patches
+        assert output.shape[1] > ids.shape[0]  # it generated
+        written = tokenizer.decode(output[0, ids.shape[0]:], skip_special_tokens=True)
+        assert answer == ("\n".join(" ".join(line.split()) for line in written.splitlines() if line.split()) or None)
+    assert len(spy.calls) == 2
+    vlm.release()
+    assert vlm.released
+    with pytest.raises(RuntimeError, match="released"):
+        describe(vlm, [image], "x", 2)
+    # given by name, the model is loaded for the call and released after it
+    released = []
+    monkeypatch.setattr(VisionLanguageModel, "release", lambda self: released.append(self.name))
+    assert len(caption_images([image], str(tiny_qwen_vl), max_new_tokens=2)) == 1 and released == [str(tiny_qwen_vl)]
+    with pytest.raises(UserError, match="^method.vlm: cannot load captioning model") as error:
+        load_vlm(str(tiny_qwen_vl / "missing"), setting="method.vlm")
+    assert "\n" not in str(error.value)

@@ -44,6 +44,9 @@ from conceptkit.methods.bico.temporal import frame_images, frames_as_images
 from conceptkit.training.losses import denoising_loss
 
 
+CLIP_VIEWS = 4  # frames of a video source shown to the VLM for its clip-level prompts [ours]
+
+
 def stage_phase(stage_name: str) -> str:
     """"global" or "all": `global`, `all`, `frames_global`, `clip_all`, ... -> the binders it trains."""
     return stage_name.rsplit("_", 1)[-1]
@@ -63,7 +66,7 @@ class BiCo(ConceptMethod):
                  per_block_binders: bool = True, absorbent: bool = True, global_steps: int = 120,
                  all_steps: int = 180, lr: float = 1e-4, weight_decay: float = 1e-2, batch_size: int = 1,
                  accumulate: int = 8, grad_clip: float | None = None, timestep_boundary: float = 417.0,
-                 global_stage_favours: str = "low", favoured_fraction: float = 0.8,
+                 global_stage_favours: str = "low", favoured_fraction: float = 0.8, two_stage: bool = True,
                  temporal_disentanglement: bool = True, gate: str = "sigmoid", frame_prompts: list[str] | None = None,
                  frame_global_steps: int = 162, frame_all_steps: int = 243,
                  gradient_checkpointing: bool = False, init_seed: int = 0):
@@ -73,7 +76,7 @@ class BiCo(ConceptMethod):
         self.global_steps, self.all_steps, self.lr, self.weight_decay = global_steps, all_steps, lr, weight_decay
         self.batch_size, self.accumulate, self.grad_clip = batch_size, accumulate, grad_clip
         self.timestep_boundary, self.global_stage_favours = float(timestep_boundary), global_stage_favours
-        self.favoured_fraction = favoured_fraction
+        self.favoured_fraction, self.two_stage = favoured_fraction, two_stage
         self.temporal_disentanglement, self.gate, self.frame_prompts = temporal_disentanglement, gate, frame_prompts
         self.frame_global_steps, self.frame_all_steps = frame_global_steps, frame_all_steps
         self.gradient_checkpointing = gradient_checkpointing
@@ -108,7 +111,7 @@ class BiCo(ConceptMethod):
                     lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                     accumulate=self.accumulate, grad_clip=self.grad_clip, timestep_boundary=self.timestep_boundary,
                     global_stage_favours=self.global_stage_favours, favoured_fraction=self.favoured_fraction,
-                    temporal_disentanglement=self.temporal_disentanglement, gate=self.gate,
+                    two_stage=self.two_stage, temporal_disentanglement=self.temporal_disentanglement, gate=self.gate,
                     frame_prompts=None if self.frame_prompts is None else list(self.frame_prompts),
                     frame_global_steps=self.frame_global_steps, frame_all_steps=self.frame_all_steps,
                     gradient_checkpointing=self.gradient_checkpointing, init_seed=self.init_seed)
@@ -147,22 +150,57 @@ class BiCo(ConceptMethod):
         self.clip_frames = data.frames
         caption = next((c for c in data.captions if c), None)
         self.resolved_description = self.description or caption or re.sub(r"[_\-]+", " ", self.concept_name)
-        image = self._first_frame(backbone, data) if (self.vlm and not self.prompts) else None
-        self.training_prompts = diversified_prompts(self.resolved_description, caption, self.prompt_count, self.vlm,
-                                                    image=image, own=self.prompts)
         if self.frame_prompts and not self.disentangles:
             warnings.warn("method.frame_prompts is set, but only video concepts trained with temporal "
                           "disentanglement train on frames; it is not used", stacklevel=2)
+        self._write_prompts(backbone, data, caption)
         if self.disentangles:
             self._frame_data = frames_as_images(backbone, data)
-            images = frame_images(data) if (self.vlm and not self.frame_prompts) else None
-            self.frame_training_prompts = per_frame_prompts(self.resolved_description, data.captions, data.frames,
-                                                            self.vlm, images=images, own=self.frame_prompts,
-                                                            clip_prompts=self.prompts)
         self._build(backbone)
         generator = torch.Generator().manual_seed(self.init_seed)
         with torch.no_grad():
             self.absorbent_token.copy_(torch.randn(self.absorbent_token.shape, generator=generator))
+
+    def _write_prompts(self, backbone, data: TrainingData, caption: str | None) -> None:
+        """The clip-level training prompts and, for a video concept, the per-frame ones. The VLM, when
+        it writes any of them, is loaded once here, asked for both, and released before training."""
+        clip_by_vlm = bool(self.vlm) and not self.prompts
+        frames_by_vlm = bool(self.vlm) and self.disentangles and not self.frame_prompts
+        vlm = None
+        if clip_by_vlm or frames_by_vlm:
+            from conceptkit.captioning import load_vlm
+
+            vlm = load_vlm(self.vlm, setting="method.vlm")
+        try:
+            image = clip = None
+            if clip_by_vlm and data.frames > 1:
+                clip = self._clip_views(backbone, data)  # a video source: the VLM sees the clip, motion included
+            elif clip_by_vlm:
+                image = self._first_frame(backbone, data)
+            self.training_prompts = diversified_prompts(self.resolved_description, caption, self.prompt_count, vlm,
+                                                        image=image, own=self.prompts, clip=clip)
+            if self.disentangles:
+                images = frame_images(data) if frames_by_vlm else None
+                self.frame_training_prompts = per_frame_prompts(self.resolved_description, data.captions,
+                                                                data.frames, vlm, images=images,
+                                                                own=self.frame_prompts, clip_prompts=self.prompts)
+        finally:
+            if vlm is not None:
+                vlm.release()
+
+    @staticmethod
+    def _clip_views(backbone, data: TrainingData, count: int = CLIP_VIEWS) -> list:
+        """`count` evenly spaced frames (first and last included) of the first clip, as PIL images: from
+        the clip's pixels when the data holds them (no VAE round trip), else decoded from its latents."""
+        from PIL import Image
+
+        if data.pixels is not None:
+            pixels = (data.pixels[0] + 1) / 2  # (3, F, H, W), [-1, 1] -> [0, 1]
+        else:
+            pixels = backbone.decode(data.latents.mean[:1].to(backbone.device))[0]
+        picks = torch.linspace(0, pixels.shape[1] - 1, min(count, pixels.shape[1])).round().long()
+        return [Image.fromarray((pixels[:, k].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+                for k in picks.tolist()]
 
     @staticmethod
     def _first_frame(backbone, data: TrainingData):
@@ -277,6 +315,10 @@ class BiCo(ConceptMethod):
         if self.disentangles:
             plan = [("frames_", self.frame_global_steps, self.frame_all_steps),
                     ("clip_", self.global_steps, self.all_steps)]
+        if not self.two_stage:
+            # The paper's "w/o two-stage" ablation: every binder from the first step, for the same
+            # total budget, timesteps from the backbone's own distribution (no favoured side).
+            return [Stage(prefix + "all", steps=global_steps + all_steps, **common) for prefix, global_steps, all_steps in plan]
         stages = []
         for prefix, global_steps, all_steps in plan:
             stages.append(Stage(prefix + "global", steps=global_steps, **common))
@@ -293,7 +335,7 @@ class BiCo(ConceptMethod):
 
     def begin_stage(self, stage, backbone):
         phase = stage_phase(stage.name)
-        if self.disentangles and stage.name == "clip_global":
+        if self.disentangles and stage.name == ("clip_global" if self.two_stage else "clip_all"):
             # Stage 2 starts from stage 1: each motion branch becomes a copy of its trained spatial branch.
             for binder in [self.global_binder, *self.block_binders]:
                 binder.restart_motion()
@@ -334,8 +376,10 @@ class BiCo(ConceptMethod):
             picks = torch.randint(0, len(self.training_prompts), (n,), generator=generator)
             prompts = [self.training_prompts[int(p)] for p in picks]
         latents = batch.data.latents.sample(batch.indices, generator)
-        timesteps = side_timesteps(backbone, n, self.timestep_boundary, self.stage_favours(stage.name),
-                                   self.favoured_fraction, generator)
+        timesteps = None  # the backbone's own draw (one-stage training)
+        if self.two_stage:
+            timesteps = side_timesteps(backbone, n, self.timestep_boundary, self.stage_favours(stage.name),
+                                       self.favoured_fraction, generator)
         noisy = backbone.make_noisy(latents, generator, timesteps=timesteps)
         context, _ = backbone.encode_text(prompts)  # declares the rows the binders read
         self._training_rows = True

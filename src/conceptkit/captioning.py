@@ -1,15 +1,24 @@
 """Optional automatic captions from an image-to-text model (`data.captioner=<hub id or local folder>`).
 
 ConceptPrism initialises each residual group from a caption of its image (the official code asks a VLM
-for 8-32 words on subject, background, lighting and style). Any transformers model of the
-image-text-to-text family works: chat VLMs (Qwen2.5-VL, ...) get the instruction through their chat
-template, captioners without one (BLIP, ...) get it as a text prefix. Only files with no caption from
-a sidecar or `data.captions` are captioned.
+for 8-32 words on subject, background, lighting and style); BiCo asks a VLM (`method.vlm`) for its
+training prompts. Any transformers model of the image-text-to-text family works: chat VLMs
+(Qwen2.5-VL, ...) get the instruction through their chat template, captioners without one (BLIP, ...)
+get no instruction (they caption best unprompted). Only files with no caption from a sidecar or
+`data.captions` are captioned.
+
+A model is loaded once into a `VisionLanguageModel` (`load_vlm`), which `caption_images` takes as well
+as a name: a caller with several questions for one model (BiCo: a clip's prompts, then one per frame)
+loads it once and calls `release()` when done, so a 7B VLM does not stay beside the backbone. One item
+of `caption_images` is one message: a single image, or a list of images (e.g. frames of one clip, in
+time order) that a chat VLM sees together; a model without a chat template sees the first of them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from conceptkit.errors import UserError
 
@@ -17,8 +26,38 @@ DEFAULT_INSTRUCTION = ("Describe this image in one sentence of 8 to 32 words: th
                        "the lighting and the style.")
 
 
-def caption_images(images: list, model: str, instruction: str = DEFAULT_INSTRUCTION,
-                   max_new_tokens: int = 48) -> list[str]:
+@dataclass
+class VisionLanguageModel:
+    """A loaded image-text-to-text model: its processor, its network (eval mode) and their device."""
+
+    name: str
+    processor: Any
+    network: Any
+    device: Any  # torch.device
+
+    @property
+    def chat(self) -> bool:
+        """Chat VLMs (Qwen2.5-VL, ...) take the instruction and several images through their chat template."""
+        return getattr(self.processor, "chat_template", None) is not None
+
+    @property
+    def released(self) -> bool:
+        return self.network is None
+
+    def release(self) -> None:
+        """Drop the weights so their memory can go back (the GPU cache too): a 7B VLM is ~16 GB in bf16."""
+        self.network = self.processor = None
+        if getattr(self.device, "type", None) == "cuda":
+            import gc
+
+            import torch
+
+            gc.collect()  # a model can sit in reference cycles: collect them, or the cache keeps their tensors
+            torch.cuda.empty_cache()
+
+
+def load_vlm(model: str, setting: str = "data.captioner") -> VisionLanguageModel:
+    """Load `model` (hub id or local folder) once. `setting` names the config key in the one-line error."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -28,23 +67,48 @@ def caption_images(images: list, model: str, instruction: str = DEFAULT_INSTRUCT
         network = AutoModelForImageTextToText.from_pretrained(
             model, torch_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
     except (OSError, ValueError) as error:
-        raise UserError(f"data.captioner: cannot load captioning model {model!r} ({type(error).__name__}); "
-                        f"point it at a local folder or set data.captioner=null") from None
-    chat = getattr(processor, "chat_template", None) is not None
-    captions = []
-    for image in images:
-        if chat:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-            text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        else:
-            text = ""  # plain captioners caption best unprompted
-        inputs = processor(images=image, text=text, return_tensors="pt").to(device)
-        with torch.no_grad():
-            generated = network.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        prompt_length = inputs["input_ids"].shape[1] if chat and "input_ids" in inputs else 0
-        caption = processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)[0].strip()
-        captions.append(" ".join(caption.split()) or None)
-    return captions
+        raise UserError(f"{setting}: cannot load captioning model {model!r} ({type(error).__name__}); "
+                        f"point it at a local folder or set {setting}=null") from None
+    return VisionLanguageModel(name=str(model), processor=processor, network=network, device=device)
+
+
+def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_tokens: int) -> str | None:
+    """The model's answer to one message holding `images` (one or more, in order) and the instruction:
+    its non-empty lines, or None when it answers nothing. Greedy decoding, so a run reproduces."""
+    import torch
+
+    if vlm.released:
+        raise RuntimeError(f"the vision-language model {vlm.name!r} was released; load it again")
+    if vlm.chat:
+        # One image entry per image: the template writes a vision span for each, and the processor
+        # expands each span to that image's number of patch tokens.
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": instruction}]
+        text = vlm.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    else:
+        images, text = images[:1], ""  # plain captioners take one image and caption best unprompted
+    inputs = vlm.processor(images=images, text=text, return_tensors="pt").to(vlm.device)
+    with torch.no_grad():
+        generated = vlm.network.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    # A chat model's output starts with the prompt it was given: keep only the answer.
+    prompt_length = inputs["input_ids"].shape[1] if vlm.chat and "input_ids" in inputs else 0
+    answer = vlm.processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)[0]
+    # Lines are kept (a list of prompts is one per line); spaces within a line are normalised.
+    lines = (" ".join(line.split()) for line in answer.splitlines())
+    return "\n".join(line for line in lines if line) or None
+
+
+def caption_images(images: list, model: str | VisionLanguageModel, instruction: str = DEFAULT_INSTRUCTION,
+                   max_new_tokens: int = 48, setting: str = "data.captioner") -> list[str | None]:
+    """One answer per item of `images`: an item is one image, or a list of images shown in one message.
+    `model` is a name (loaded here, released after; `setting` names it in a loading error) or a loaded
+    VisionLanguageModel (the caller's: left open)."""
+    vlm = model if isinstance(model, VisionLanguageModel) else load_vlm(model, setting)
+    try:
+        return [describe(vlm, item if isinstance(item, (list, tuple)) else [item], instruction, max_new_tokens)
+                for item in images]
+    finally:
+        if vlm is not model:
+            vlm.release()
 
 
 def fill_missing_captions(files: list[Path], captions: list[str | None], model: str) -> list[str | None]:
@@ -66,5 +130,5 @@ def fill_missing_captions(files: list[Path], captions: list[str | None], model: 
                 images.append(image.convert("RGB"))
     filled = list(captions)
     for i, caption in zip(missing, caption_images(images, model)):
-        filled[i] = caption
+        filled[i] = " ".join(caption.split()) if caption else None  # a caption is one line
     return filled
