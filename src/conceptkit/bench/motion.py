@@ -163,30 +163,10 @@ def run_motion_suite(cfg) -> Path:
 
 
 def _write_motion_results(output: Path, cfg, variants, records: list[dict]) -> None:
-    import json
+    from conceptkit.bench.suites import write_variant_results
 
-    settings = {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
-                                    "samples_per_prompt", "sample_steps", "guidance", "seed")}
-    settings["variants"] = {label: [method, *extra] for label, method, extra in variants}
-    results = {"version": 1, "suite": "shapes_motion", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "settings": settings, "records": records}
-    (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
-    lines = ["# conceptkit bench: shapes_motion", "",
-             f"backbone {cfg.suite_backbone}, seed {cfg.seed}, {cfg.train_steps or 'default'} steps per stage; a "
-             f"subject from a still and a motion from a clip, composed in one prompt", "",
-             "| variant | method | overrides | " + " | ".join(MOTION_METRICS) + " | cases | train s |",
-             "|---" * (len(MOTION_METRICS) + 5) + "|"]
-    for label, method, extra in variants:
-        rows = [r for r in records if r["variant"] == label]
-        if rows:
-            means = [np.mean([r[m] for r in rows]) for m in MOTION_METRICS]
-            lines.append(f"| {label} | {method} | {' '.join(extra) or '-'} | " + " | ".join(f"{v:.3f}" for v in means) +
-                         f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
-    lines += ["", "## Per case", ""]
-    for r in records:
-        lines.append(f"### {r['variant']} / {r['concept']}")
-        lines.append(", ".join(f"{m} {r[m]:.3f}" for m in MOTION_METRICS) + "; prompts: " + " | ".join(r["prompts"]))
-        lines.append(f"![{r['variant']} {r['concept']}]({r['grid']})  ")
-        lines.append("")
-    (output / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:6 + len(variants)]))
+    write_variant_results(output, cfg, "shapes_motion", variants, records, MOTION_METRICS,
+                          "a subject from a still and a motion from a clip, composed in one prompt", "cases",
+                          heading=lambda r: f"{r['variant']} / {r['concept']}",
+                          detail=lambda r: "prompts: " + " | ".join(r["prompts"]),
+                          image_label=lambda r: f"{r['variant']} {r['concept']}")

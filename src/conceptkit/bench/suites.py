@@ -436,28 +436,37 @@ MULTI_METRICS = ("word_fidelity", "separation", "shape_fidelity", "colour_fideli
 
 
 def _write_multi_results(output: Path, cfg, variants, records: list[dict]) -> None:
-    settings = {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps", "samples_per_prompt",
-                                    "sample_steps", "guidance", "seed")}
+    write_variant_results(output, cfg, "shapes_multi", variants, records, MULTI_METRICS,
+                          "one two-object image per pair, each learned word prompted alone", "words",
+                          heading=lambda r: f"{r['variant']} / {r['concept']} / {r['word']}",
+                          detail=lambda r: f"sentence: {r['sentence']}", image_label=lambda r: f"{r['variant']} {r['word']}")
+
+
+def write_variant_results(output: Path, cfg, suite: str, variants, records: list[dict], metrics: tuple[str, ...],
+                          what: str, unit: str, heading, detail, image_label) -> None:
+    """results.json and report.md of a suite whose rows are variants (label, method, overrides):
+    the summary table (means over the records of each variant) and one section per record."""
+    settings = {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
+                                    "samples_per_prompt", "sample_steps", "guidance", "seed")}
     settings["variants"] = {label: [method, *extra] for label, method, extra in variants}
-    results = {"version": 1, "suite": "shapes_multi", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "settings": settings, "records": records}
     (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
-    lines = ["# conceptkit bench: shapes_multi", "",
-             f"backbone {cfg.suite_backbone}, seed {cfg.seed}, {cfg.train_steps or 'default'} steps per stage; "
-             "one two-object image per pair, each learned word prompted alone", "",
-             "| variant | method | overrides | " + " | ".join(MULTI_METRICS) + " | words | train s |",
-             "|---" * (len(MULTI_METRICS) + 5) + "|"]
+    lines = [f"# conceptkit bench: {suite}", "",
+             f"backbone {cfg.suite_backbone}, seed {cfg.seed}, {cfg.train_steps or 'default'} steps per stage; {what}", "",
+             "| variant | method | overrides | " + " | ".join(metrics) + f" | {unit} | train s |",
+             "|---" * (len(metrics) + 5) + "|"]
     for label, method, extra in variants:
         rows = [r for r in records if r["variant"] == label]
         if rows:
-            means = [np.mean([r[m] for r in rows]) for m in MULTI_METRICS]
+            means = [np.mean([r[m] for r in rows]) for m in metrics]
             lines.append(f"| {label} | {method} | {' '.join(extra) or '-'} | " + " | ".join(f"{v:.3f}" for v in means) +
                          f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
-    lines += ["", "## Per word", ""]
+    lines += ["", "## Per record", ""]
     for r in records:
-        lines.append(f"### {r['variant']} / {r['concept']} / {r['word']}")
-        lines.append(", ".join(f"{m} {r[m]:.3f}" for m in MULTI_METRICS) + f"; sentence: {r['sentence']}")
-        lines.append(f"![{r['variant']} {r['word']}]({r['grid']})  ")
+        lines.append(f"### {heading(r)}")
+        lines.append(", ".join(f"{m} {r[m]:.3f}" for m in metrics) + f"; {detail(r)}")
+        lines.append(f"![{image_label(r)}]({r['grid']})  ")
         lines.append("")
     (output / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:6 + len(variants)]))
