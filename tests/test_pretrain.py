@@ -123,6 +123,9 @@ def test_init_continues_an_earlier_output_and_vae_steps_zero_keeps_its_vae(tmp_p
 
     with pytest.raises(UserError, match="vae.steps=0 needs init"):
         _pretrain("sd15", tmp_path / "c", "vae.steps=0")
+    with pytest.raises(UserError, match="corpus.orientation='sideways': choose one of random, upright"):
+        _pretrain("sd15", tmp_path / "c", "corpus.orientation=sideways")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
     with pytest.raises(UserError, match="no recipe.json"):
         _pretrain("sd15", tmp_path / "d", f"init={tmp_path}")
     with pytest.raises(UserError, match="not this backbone's architecture"):

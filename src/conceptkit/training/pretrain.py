@@ -156,6 +156,9 @@ class BackbonePretraining(nn.Module):
         return {"loss": F.mse_loss(prediction.float(), noisy.target.float())}
 
 
+LATENT_STATISTICS = ("scaling_factor", "latents_mean", "latents_std")  # SD's and Wan's keys in the VAE config
+
+
 def start_from(backbone, source: Path) -> dict:
     """`init=<folder>`: every trained module (text encoder, denoiser, VAE) starts from an earlier
     `conceptkit pretrain` output instead of the seeded random init, e.g. to continue a shipped release
@@ -176,9 +179,6 @@ def start_from(backbone, source: Path) -> dict:
             module.register_to_config(**{k: v for k, v in trained.config.items() if k in LATENT_STATISTICS})
     backbone._set_latent_geometry()
     return json.loads(recipe.read_text())
-
-
-LATENT_STATISTICS = ("scaling_factor", "latents_mean", "latents_std")  # SD's and Wan's keys in the VAE config
 
 
 def save_backbone(backbone, folder: Path, recipe: dict) -> None:
@@ -218,6 +218,10 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     output = Path(cfg.output) if cfg.output else shipped_weights_folder(name)
     if output.exists() and not cfg.overwrite:
         raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+    from conceptkit.world.factors import ORIENTATIONS
+
+    if cfg.corpus.orientation not in ORIENTATIONS:
+        raise UserError(f"corpus.orientation={cfg.corpus.orientation!r}: choose one of {', '.join(ORIENTATIONS)}")
     for part in ("vae", "denoiser"):
         if cfg[part].steps == 0 and not cfg.init:
             raise UserError(f"{part}.steps=0 needs init=<folder> to take that part from")
