@@ -96,14 +96,14 @@ def score_composed(clips: list[np.ndarray], case: MotionCase, requested: list[st
 
 
 def _source_backgrounds(case: MotionCase) -> set[str]:
+    """The background colours the two sources show (read by the oracle): what leakage looks for."""
+    import imageio.v3 as iio
     from PIL import Image
 
     from conceptkit.world.oracle import read_image
 
     with Image.open(case.still) as still:
         colours = {read_image(np.asarray(still.convert("RGB"))).background_colour}
-    import imageio.v3 as iio
-
     colours.add(read_image(iio.imread(case.clip, index=0)[..., :3]).background_colour)
     return colours
 
