@@ -96,3 +96,26 @@ def test_shipped_sd15_shapes_draws_the_requested_background_and_colour():
     backgrounds = [r.background_colour == b for r, (_, b) in zip(readings, cases)]
     colours = [any(o.colour == c for o in r.objects) for r, (c, _) in zip(readings, cases)]
     assert sum(backgrounds) >= 5 and sum(colours) >= 3, (backgrounds, colours)
+
+
+def test_shipped_wan21_shapes_loads_and_draws_the_requested_background():
+    """The shipped ShapeWorld Wan2.1 (release 1) loads from the package with its latent statistics and
+    follows the prompt's background in generated clips, read by the oracle. Its model card reports
+    background 98-100 % on 96 held-out prompts and objects almost never (what release 1 does not do
+    is not asserted here); 6 fixed prompts must give the right background in >= 5 (seed 0)."""
+    import numpy as np
+
+    from conceptkit.world.oracle import read_clip
+
+    backbone = make_backbone("wan21_shapes")
+    assert backbone.identity()["id"] == "conceptkit:wan21_shapes"
+    assert (backbone.spatial_factor, backbone.temporal_factor, backbone.default_frames) == (4, 4, 9)
+    assert len(backbone.vae.config.latents_mean) == 16  # measured on the corpus by conceptkit pretrain
+    cases = [("red", "sand"), ("blue", "teal"), ("green", "navy"), ("yellow", "pink"), ("white", "grass"),
+             ("purple", "sky")]
+    media = backbone.generate([f"a large {c} circle moving left quickly on a plain {b} background" for c, b in cases],
+                              steps=10, seed=0)
+    assert media.shape == (6, 3, 9, 64, 64)
+    frames = (media.permute(0, 2, 3, 4, 1).numpy() * 255).round().astype(np.uint8)
+    backgrounds = [read_clip(f).background_colour == b for f, (_, b) in zip(frames, cases)]
+    assert sum(backgrounds) >= 5, backgrounds

@@ -21,7 +21,8 @@ def test_wheel_ships_configs_methods_and_examples(tmp_path):
         "print(sorted(p.name for p in d.bundled_examples().iterdir()));"
         "print(c.compose('train', ['method=lora']).method._target_);"
         "from conceptkit.backbones.base import shipped_weights_folder as w;"
-        "print(sorted(p.relative_to(w('sd15_shapes')).as_posix() for p in w('sd15_shapes').rglob('*.*')))"
+        "print(sorted(p.relative_to(w('sd15_shapes')).as_posix() for p in w('sd15_shapes').rglob('*.*')));"
+        "print(sorted(p.relative_to(w('wan21_shapes')).as_posix() for p in w('wan21_shapes').rglob('*.*')))"
     )
     done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = [{str(target)!r}] + "
                            f"[p for p in {sys.path!r} if 'site-packages' in p]; " + code],
@@ -36,3 +37,6 @@ def test_wheel_ships_configs_methods_and_examples(tmp_path):
                  "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json",
                  "recipe.json", "README.md"):
         assert part in lines[5], part
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "recipe.json", "README.md"):
+        assert part in lines[6], part
