@@ -130,3 +130,28 @@ def test_init_continues_an_earlier_output_and_vae_steps_zero_keeps_its_vae(tmp_p
         _pretrain("sd15", tmp_path / "d", f"init={tmp_path}")
     with pytest.raises(UserError, match="not this backbone's architecture"):
         _pretrain("wan21", tmp_path / "e", f"init={first}")
+
+
+def test_corpus_object_weights_set_the_share_of_one_two_and_three_object_scenes(tmp_path):
+    """corpus.object_weights reweights how many objects a pretraining scene holds; without it the
+    corpus is the world's uniform draw, unchanged (the shipped releases were trained on it)."""
+    from conceptkit.training.pretrain import build_corpus
+
+    quiet = lambda *_: None  # noqa: E731
+    counts = lambda corpus: np.bincount([len(s.objects) for s in corpus.scenes], minlength=4)[1:]  # noqa: E731
+    singles = build_corpus(300, 0, 1, 16, seed=0, orientation="upright", progress=quiet, object_weights=[1, 0, 0])
+    assert counts(singles).tolist() == [300, 0, 0]
+    skewed = counts(build_corpus(300, 0, 1, 16, seed=0, orientation="upright", progress=quiet,
+                                 object_weights=[3, 1, 1]))
+    assert 0.5 < skewed[0] / 300 < 0.7 and skewed[1] > 0 and skewed[2] > 0
+    default = build_corpus(30, 0, 1, 16, seed=0, orientation="upright", progress=quiet)
+    rng = np.random.default_rng(0)
+    from conceptkit.world.factors import sample_scene
+
+    assert default.scenes == [sample_scene(rng, split="pretrain", orientation="upright") for _ in range(30)]
+
+    from conceptkit.errors import UserError
+
+    with pytest.raises(UserError, match=r"corpus.object_weights=\[1, 1\]: give three non-negative weights"):
+        _pretrain("sd15", tmp_path / "w", "corpus.object_weights=[1,1]")
+    assert not (tmp_path / "w").exists() and not (tmp_path / "w.partial").exists()

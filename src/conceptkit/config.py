@@ -134,6 +134,7 @@ class CorpusSettings:  # values live in conf/pretrain.yaml; these classes only n
     images: int
     clips: int
     clip_fraction: float
+    object_weights: list | None
     orientation: str
 
 

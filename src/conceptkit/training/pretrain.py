@@ -19,6 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,21 +40,28 @@ class Corpus:
 
 
 def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: int, orientation: str = "random",
-                 progress=print) -> Corpus:
+                 progress=print, object_weights: Sequence[float] | None = None) -> Corpus:
+    """`object_weights`: relative frequency of scenes with 1, 2 and 3 objects, images and clips alike
+    (None: the world's own uniform draw, the same scenes as before this option existed)."""
     from conceptkit.world.factors import sample_scene
     from conceptkit.world.render import render_clip, render_scene
 
     rng = np.random.default_rng(seed)
+    probabilities = None
+    if object_weights is not None:
+        probabilities = np.asarray(object_weights, dtype=float) / float(np.sum(object_weights))
     scenes, image_arrays, clip_arrays = [], [], []
     started = time.time()
     for i in range(images):
-        scene = sample_scene(rng, split="pretrain", orientation=orientation)
+        count = None if probabilities is None else int(rng.choice(3, p=probabilities)) + 1
+        scene = sample_scene(rng, n_objects=count, split="pretrain", orientation=orientation)
         scenes.append(scene)
         image_arrays.append(render_scene(scene, resolution))
         if (i + 1) % 5000 == 0:
             progress(f"  rendered {i + 1}/{images} images ({time.time() - started:.0f} s)")
     for i in range(clips):
-        scene = sample_scene(rng, split="pretrain", clip_frames=frames, orientation=orientation)
+        count = None if probabilities is None else int(rng.choice(3, p=probabilities)) + 1
+        scene = sample_scene(rng, n_objects=count, split="pretrain", clip_frames=frames, orientation=orientation)
         scenes.append(scene)
         clip_arrays.append(render_clip(scene, frames, resolution))
     as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).contiguous()  # noqa: E731
@@ -222,6 +230,10 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
     if cfg.corpus.orientation not in ORIENTATIONS:
         raise UserError(f"corpus.orientation={cfg.corpus.orientation!r}: choose one of {', '.join(ORIENTATIONS)}")
+    weights = cfg.corpus.get("object_weights")
+    if weights is not None and (len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0):
+        raise UserError(f"corpus.object_weights={list(weights)}: give three non-negative weights (scenes with 1, 2 "
+                        f"and 3 objects), not all zero, e.g. [3,1,1]")
     for part in ("vae", "denoiser"):
         if cfg[part].steps == 0 and not cfg.init:
             raise UserError(f"{part}.steps=0 needs init=<folder> to take that part from")
@@ -236,7 +248,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     clips = cfg.corpus.clips if backbone.is_video else 0
     print(f"rendering the ShapeWorld corpus: {cfg.corpus.images} images, {clips} clips (seed {cfg.seed})", flush=True)
     corpus = build_corpus(cfg.corpus.images, clips, backbone.default_frames, backbone.resolution, cfg.seed,
-                          cfg.corpus.orientation)
+                          cfg.corpus.orientation, object_weights=None if weights is None else list(weights))
     trainable = BackbonePretraining(backbone, corpus, cfg.vae, cfg.denoiser, cfg.corpus.clip_fraction,
                                     keep_latent_scale=bool(cfg.init) and cfg.vae.steps == 0)
     data = TrainingData(latents=None, captions=[None] * corpus.images.shape[0],
