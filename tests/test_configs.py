@@ -37,6 +37,22 @@ def test_other_groups_and_commands_compose():
     assert (conf_dir() / "train.yaml").is_file()
 
 
+def test_toy_budgets_apply_only_to_their_method_and_backbone():
+    """conf/budget/<method>_<backbone>.yaml: the embedded default (no arguments) is ConceptPrism on
+    sd15_shapes with its toy budget; other backbones keep the official defaults; overrides win."""
+    default = compose("train", [])
+    assert (default.backbone.architecture, default.method._target_.rsplit(".", 1)[1]) == ("shapes", "ConceptPrism")
+    assert (default.method.token_steps, default.method.token_lr, default.method.lora_steps) == (250, 5e-3, 100)
+    official = compose("train", ["backbone=sd15_tiny"]).method
+    assert (official.token_steps, official.token_lr, official.lora_steps) == (200, 5e-4, 200)
+    assert compose("train", ["method.token_lr=1e-4"]).method.token_lr == 1e-4
+    pairs = {f"{m}_{b}": (m, b) for m in group_options("method") for b in group_options("backbone")}
+    for budget in group_options("budget"):
+        assert budget in pairs, f"conf/budget/{budget}.yaml names no <method>_<backbone> pair"
+        method, backbone = pairs[budget]
+        compose("train", [f"method={method}", f"backbone={backbone}"])  # validate(): every budget key is a real key
+
+
 def test_unknown_keys_are_refused():
     from conceptkit.errors import UserError
 
