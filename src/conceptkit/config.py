@@ -135,6 +135,7 @@ class CorpusSettings:  # values live in conf/pretrain.yaml; these classes only n
     clips: int
     clip_fraction: float
     object_weights: list | None
+    allowed: dict | None
     orientation: str
 
 

@@ -40,9 +40,12 @@ class Corpus:
 
 
 def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: int, orientation: str = "random",
-                 progress=print, object_weights: Sequence[float] | None = None) -> Corpus:
+                 progress=print, object_weights: Sequence[float] | None = None,
+                 allowed: dict | None = None) -> Corpus:
     """`object_weights`: relative frequency of scenes with 1, 2 and 3 objects, images and clips alike
-    (None: the world's own uniform draw, the same scenes as before this option existed)."""
+    (None: the world's own uniform draw, the same scenes as before this option existed). `allowed`:
+    factor -> values the corpus may draw (world/factors.py ALLOWED_KEYS), e.g. one background for a
+    simple first stage of a curriculum; None: every value."""
     from conceptkit.world.factors import sample_scene
     from conceptkit.world.render import render_clip, render_scene
 
@@ -54,14 +57,15 @@ def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: in
     started = time.time()
     for i in range(images):
         count = None if probabilities is None else int(rng.choice(3, p=probabilities)) + 1
-        scene = sample_scene(rng, n_objects=count, split="pretrain", orientation=orientation)
+        scene = sample_scene(rng, n_objects=count, split="pretrain", allowed=allowed, orientation=orientation)
         scenes.append(scene)
         image_arrays.append(render_scene(scene, resolution))
         if (i + 1) % 5000 == 0:
             progress(f"  rendered {i + 1}/{images} images ({time.time() - started:.0f} s)")
     for i in range(clips):
         count = None if probabilities is None else int(rng.choice(3, p=probabilities)) + 1
-        scene = sample_scene(rng, n_objects=count, split="pretrain", clip_frames=frames, orientation=orientation)
+        scene = sample_scene(rng, n_objects=count, split="pretrain", allowed=allowed, clip_frames=frames,
+                             orientation=orientation)
         scenes.append(scene)
         clip_arrays.append(render_clip(scene, frames, resolution))
     as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays)).permute(0, 4, 1, 2, 3).contiguous()  # noqa: E731
@@ -234,6 +238,18 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     if weights is not None and (len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0):
         raise UserError(f"corpus.object_weights={list(weights)}: give three non-negative weights (scenes with 1, 2 "
                         f"and 3 objects), not all zero, e.g. [3,1,1]")
+    allowed = cfg.corpus.get("allowed")
+    allowed = None if allowed is None else {k: list(v) for k, v in OmegaConf.to_container(allowed).items()}
+    if allowed:
+        from conceptkit.world.factors import ALLOWED_KEYS, sample_scene
+
+        unknown = sorted(set(allowed) - set(ALLOWED_KEYS))
+        if unknown:
+            raise UserError(f"corpus.allowed: unknown factor {unknown[0]!r}; use any of {', '.join(ALLOWED_KEYS)}")
+        try:  # one trial draw finds values the world does not have before anything is written
+            sample_scene(np.random.default_rng(0), split="pretrain", allowed=allowed)
+        except (ValueError, RuntimeError) as error:
+            raise UserError(f"corpus.allowed={allowed}: {error}; allow more values") from None
     for part in ("vae", "denoiser"):
         if cfg[part].steps == 0 and not cfg.init:
             raise UserError(f"{part}.steps=0 needs init=<folder> to take that part from")
@@ -248,7 +264,8 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     clips = cfg.corpus.clips if backbone.is_video else 0
     print(f"rendering the ShapeWorld corpus: {cfg.corpus.images} images, {clips} clips (seed {cfg.seed})", flush=True)
     corpus = build_corpus(cfg.corpus.images, clips, backbone.default_frames, backbone.resolution, cfg.seed,
-                          cfg.corpus.orientation, object_weights=None if weights is None else list(weights))
+                          cfg.corpus.orientation, object_weights=None if weights is None else list(weights),
+                          allowed=allowed)
     trainable = BackbonePretraining(backbone, corpus, cfg.vae, cfg.denoiser, cfg.corpus.clip_fraction,
                                     keep_latent_scale=bool(cfg.init) and cfg.vae.steps == 0)
     data = TrainingData(latents=None, captions=[None] * corpus.images.shape[0],
