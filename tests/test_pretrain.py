@@ -155,6 +155,8 @@ def test_corpus_object_weights_set_the_share_of_one_two_and_three_object_scenes(
     simple = build_corpus(40, 0, 1, 16, seed=0, orientation="upright", progress=quiet, object_weights=[1, 0, 0],
                           allowed={"size": ["large"], "background_colour": ["sand"]})
     assert {(s.objects[0].size, s.background.colour) for s in simple.scenes} == {("large", "sand")}
+    with pytest.raises(UserError, match="corpus.allowed=5: give factor -> values"):
+        _pretrain("sd15", tmp_path / "w", "corpus.allowed=5")
     with pytest.raises(UserError, match="corpus.allowed: unknown factor 'hue'"):
         _pretrain("sd15", tmp_path / "w", "corpus.allowed={hue:[red]}")
     with pytest.raises(UserError, match="corpus.allowed=.*background_colour.*allow more values"):

@@ -45,7 +45,9 @@ def _run(command: str, overrides: list[str]) -> int:
 
         output = train(cfg)
         print(f"concept written to {output}")
-        print(f"render it: conceptkit compose concepts=[{output}] prompt=\"a photo of {{{cfg.name}}}\"")
+        # The first sample prompt is worded for the backbone (the toys know only the world's grammar).
+        example = cfg.sample.prompts[0] if cfg.sample.prompts else "a photo of {name}"
+        print(f"render it: conceptkit compose concepts=[{output}] prompt=\"{example.replace('{name}', '{' + cfg.name + '}')}\"")
     elif command == "compose":
         cfg = compose("compose", overrides)
         from conceptkit.compose import compose as run_compose

@@ -55,16 +55,17 @@ def build_corpus(images: int, clips: int, frames: int, resolution: int, seed: in
         probabilities = np.asarray(object_weights, dtype=float) / float(np.sum(object_weights))
     scenes, image_arrays, clip_arrays = [], [], []
     started = time.time()
+    def object_count() -> int | None:
+        return None if probabilities is None else int(rng.choice(3, p=probabilities)) + 1
+
     for i in range(images):
-        count = None if probabilities is None else int(rng.choice(3, p=probabilities)) + 1
-        scene = sample_scene(rng, n_objects=count, split="pretrain", allowed=allowed, orientation=orientation)
+        scene = sample_scene(rng, n_objects=object_count(), split="pretrain", allowed=allowed, orientation=orientation)
         scenes.append(scene)
         image_arrays.append(render_scene(scene, resolution))
         if (i + 1) % 5000 == 0:
             progress(f"  rendered {i + 1}/{images} images ({time.time() - started:.0f} s)")
     for i in range(clips):
-        count = None if probabilities is None else int(rng.choice(3, p=probabilities)) + 1
-        scene = sample_scene(rng, n_objects=count, split="pretrain", allowed=allowed, clip_frames=frames,
+        scene = sample_scene(rng, n_objects=object_count(), split="pretrain", allowed=allowed, clip_frames=frames,
                              orientation=orientation)
         scenes.append(scene)
         clip_arrays.append(render_clip(scene, frames, resolution))
@@ -239,7 +240,10 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         raise UserError(f"corpus.object_weights={list(weights)}: give three non-negative weights (scenes with 1, 2 "
                         f"and 3 objects), not all zero, e.g. [3,1,1]")
     allowed = cfg.corpus.get("allowed")
-    allowed = None if allowed is None else {k: list(v) for k, v in OmegaConf.to_container(allowed).items()}
+    if allowed is not None and not isinstance(allowed, DictConfig):
+        raise UserError(f"corpus.allowed={allowed!r}: give factor -> values, e.g. 'corpus.allowed={{size:[large]}}'")
+    if allowed is not None:  # a single value may be written without brackets
+        allowed = {k: [v] if isinstance(v, str) else list(v) for k, v in OmegaConf.to_container(allowed).items()}
     if allowed:
         from conceptkit.world.factors import ALLOWED_KEYS, sample_scene
 
