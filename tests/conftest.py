@@ -83,7 +83,8 @@ def tiny_qwen_vl(tmp_path_factory):
 
 class GenerateSpy:
     """Records what a VLM's `generate` was given and returned (install with monkeypatch, tests only);
-    `answer` (token ids), when set, replaces what the model wrote after the prompt."""
+    `answer` (token ids, or a function of the call's input_ids giving them), when set, replaces what
+    the model wrote after the prompt."""
 
     def __init__(self, monkeypatch, network_class, answer=None):
         self.calls: list[dict] = []
@@ -95,7 +96,8 @@ class GenerateSpy:
                 output = original(network, **inputs)
             else:  # as generate returns: the prompt, then the answer
                 prompt = inputs["input_ids"]
-                output = torch.cat([prompt, torch.tensor([self.answer], dtype=prompt.dtype).expand(len(prompt), -1)], 1)
+                answer = self.answer(prompt) if callable(self.answer) else self.answer
+                output = torch.cat([prompt, torch.tensor([answer], dtype=prompt.dtype).expand(len(prompt), -1)], 1)
             self.calls.append(dict(inputs=dict(inputs), output=output))
             return output
 

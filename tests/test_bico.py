@@ -4,6 +4,7 @@ the gates, the per-stage timestep sampling, composition masks, diversified promp
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -694,10 +695,14 @@ def test_vlm_is_loaded_once_per_concept_and_sees_the_clip(tiny_qwen_vl, tmp_path
     spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration,
                       answer=_tiny_qwen_answer(tokenizer, "a red square on a grey background"))
     _, method, data = video_setup(tmp_path, f"method.vlm={tiny_qwen_vl}", "method.prompt_count=2")
-    assert loads == ["AutoProcessor", "AutoModelForImageTextToText"]  # once, for both kinds of prompt
+    assert loads == ["AutoProcessor", "AutoModelForImageTextToText"]  # once, for every question
     assert len(released) == 1 and released[0].released  # and let go before training
-    assert len(spy.calls) == 1 + 10  # the clip's prompts, then one per frame (2 clips x 5 frames)
-    clip_call, *frame_calls = spy.calls
+    # each clip's concept phrases (unusable here: the answer is no "spatial:" / "temporal:" pair), the
+    # clip's prompts, then one per frame (2 clips x 5 frames)
+    assert len(spy.calls) == 2 + 1 + 10
+    phrase_calls, (clip_call, *frame_calls) = spy.calls[:2], spy.calls[2:]
+    assert all(c["inputs"]["image_grid_thw"].shape[0] == 4 for c in phrase_calls)
+    assert method.concept_phrases == [None, None]  # so the prompts are asked for without phrases, as before
     assert CLIP_INSTRUCTION.format(frames=4, count=2) in decode(clip_call["inputs"]["input_ids"][0])
     assert clip_call["inputs"]["image_grid_thw"].shape[0] == 4  # 4 frames in one message
     assert all(c["inputs"]["image_grid_thw"].shape[0] == 1 and FRAME_INSTRUCTION in decode(c["inputs"]["input_ids"][0])
@@ -726,6 +731,194 @@ def test_vlm_is_loaded_once_per_concept_and_sees_the_clip(tiny_qwen_vl, tmp_path
     with pytest.raises(UserError, match="^method.vlm: cannot load captioning model") as error:
         attached("sd15_tiny", "thing", f"method.vlm={missing}")
     assert _one_line(error) and len(released) == 2
+
+
+def test_concept_phrases_parser_reads_two_lines_or_the_codes_json_else_none():
+    from conceptkit.methods.bico.diversify import parse_concept_phrases
+
+    assert parse_concept_phrases("spatial: red square, grey background\ntemporal: sliding right, fast") == {
+        "spatial": ["red square", "grey background"], "temporal": ["sliding right", "fast"]}
+    # a chat answer's usual wrappings: a lead-in line, markdown, a word before the colon, quotes, a full
+    # stop, a phrase repeated in another case; "none" for a clip without motion
+    answer = 'Here are the concepts:\n**Spatial concepts:** "red square"; grey background; Red Square.\n- Temporal: none'
+    assert parse_concept_phrases(answer) == {"spatial": ["red square", "grey background"], "temporal": []}
+    # the official code's JSON format; its own example misses the comma between the entries (read by line)
+    assert parse_concept_phrases('{"spatial": ["brown cat", "grassland"], "temporal": ["jumping"]}') == {
+        "spatial": ["brown cat", "grassland"], "temporal": ["jumping"]}
+    assert parse_concept_phrases('{\n"spatial": ["brown cat"]\n"temporal": ["jumping", "near to far"]\n}') == {
+        "spatial": ["brown cat"], "temporal": ["jumping", "near to far"]}
+    # a sentence is not a phrase
+    long = "spatial: a red square that slides slowly to the right over a grey floor, red\ntemporal: sliding"
+    assert parse_concept_phrases(long)["spatial"] == ["red"]
+    # not usable: a missing line (the format not followed, or an answer cut off), no spatial phrase, garbage
+    assert parse_concept_phrases("spatial: red square, grey background") is None
+    assert parse_concept_phrases("temporal: sliding right") is None
+    assert parse_concept_phrases("spatial: none\ntemporal: sliding right") is None
+    assert parse_concept_phrases("ok the square qz spatially: x\n{not json") is None
+    assert parse_concept_phrases("") is None and parse_concept_phrases(None) is None
+
+
+def test_phrase_instructions_frame_gets_only_the_spatial_phrases_clip_gets_both():
+    from conceptkit.methods.bico.diversify import (CLIP_INSTRUCTION, FRAME_INSTRUCTION, clip_instruction,
+                                                   frame_instruction)
+
+    phrases = {"spatial": ["red square", "grey background"], "temporal": ["sliding right", "speeding up"]}
+    frame = frame_instruction(phrases)
+    assert "red square, grey background" in frame
+    assert "sliding right" not in frame and "speeding up" not in frame  # a frame is a still image
+    clip = clip_instruction(4, 7, phrases)
+    assert "red square, grey background" in clip and "sliding right, speeding up" in clip
+    assert "These 4 images" in clip and "Write 7 different prompts" in clip
+    assert "(its motion): none." in clip_instruction(4, 7, {"spatial": ["red square"], "temporal": []})
+    # phrases unknown: the instructions without them
+    assert clip_instruction(4, 7, None) == CLIP_INSTRUCTION.format(frames=4, count=7)
+    assert frame_instruction(None) == FRAME_INSTRUCTION
+
+
+def test_concept_phrases_one_greedy_call_per_clip_unusable_answer_warns_once(tiny_qwen_vl, monkeypatch):
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from conceptkit.captioning import load_vlm
+    from conceptkit.methods.bico.diversify import PHRASES_INSTRUCTION, concept_phrases
+
+    from conftest import GenerateSpy
+
+    vlm = load_vlm(str(tiny_qwen_vl), setting="method.vlm")
+    tokenizer = vlm.processor.tokenizer
+    scripted = iter(["spatial: red square\ntemporal: sliding right", "the square the square"])
+    spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration,
+                      answer=lambda input_ids: _tiny_qwen_answer(tokenizer, next(scripted)))
+    frames = [Image.new("RGB", (32, 32), (200, 40 * k, 0)) for k in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        phrases = concept_phrases([frames, frames[:2]], vlm)
+    assert phrases == [{"spatial": ["red square"], "temporal": ["sliding right"]}, None]
+    messages = [str(w.message) for w in caught if "concept phrases" in str(w.message)]
+    assert len(messages) == 1 and "for 1 of 2 clips" in messages[0]
+    first, second = spy.calls  # one message per clip, its frames in order
+    assert PHRASES_INSTRUCTION.format(frames=3) in tokenizer.decode(first["inputs"]["input_ids"][0])
+    assert first["inputs"]["image_grid_thw"].shape[0] == 3 and second["inputs"]["image_grid_thw"].shape[0] == 2
+    assert first["inputs"]["do_sample"] is False and second["inputs"]["do_sample"] is False
+    vlm.release()
+
+
+def test_vlm_sampling_is_seeded_per_message_and_leaves_the_global_rng(tiny_qwen_vl, monkeypatch):
+    """Real (random-weight) generation: the settings reach generate, the same seed writes the same
+    tokens, message i samples with seed + i, the caller's RNG state is as it was; greedy is the default."""
+    from dataclasses import replace
+
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from conceptkit.captioning import GREEDY, Decoding, caption_images, load_vlm
+
+    from conftest import GenerateSpy
+
+    spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration)
+    vlm = load_vlm(str(tiny_qwen_vl), setting="method.vlm")
+    image = Image.new("RGB", (32, 32), (200, 0, 0))
+    sampled = Decoding(sample=True, temperature=0.7, top_k=50, top_p=0.95, seed=3)
+
+    def outputs(decoding=None, items=1):
+        spy.calls.clear()
+        settings = {} if decoding is None else {"decoding": decoding}
+        caption_images([image] * items, vlm, instruction="Write one prompt.", max_new_tokens=16, **settings)
+        return [call["output"] for call in spy.calls]
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = outputs(sampled, items=2)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+    kwargs = spy.calls[0]["inputs"]
+    assert (kwargs["do_sample"], kwargs["temperature"], kwargs["top_k"], kwargs["top_p"]) == (True, 0.7, 50, 0.95)
+    again = outputs(sampled, items=2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # same seed: same tokens
+    assert torch.equal(outputs(replace(sampled, seed=4))[0], first[1])  # message i samples with seed + i
+    assert not torch.equal(first[0], first[1])  # (so two messages do not share one random stream)
+    greedy = outputs()  # the default (data.captioner's path): greedy
+    assert spy.calls[0]["inputs"]["do_sample"] is False and "temperature" not in spy.calls[0]["inputs"]
+    assert torch.equal(outputs(GREEDY)[0], greedy[0]) and not torch.equal(greedy[0], first[0])
+    vlm.release()
+
+
+def test_bico_vlm_decoding_keys_reach_generate_seeded_from_init_seed(tiny_qwen_vl, monkeypatch):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from conftest import GenerateSpy
+
+    spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration)  # real (random-weight) generation
+
+    def written(*extra):
+        spy.calls.clear()
+        _, method = attached("sd15_tiny", "thing", f"method.vlm={tiny_qwen_vl}", "method.prompt_count=1", *extra)
+        (call,) = spy.calls
+        return method, call["inputs"], call["output"]
+
+    def sampling(kwargs):
+        return kwargs["do_sample"], kwargs["temperature"], kwargs["top_k"], kwargs["top_p"]
+
+    method, kwargs, output = written()
+    assert sampling(kwargs) == (True, 0.7, 50, 0.95)  # the defaults: the official code's
+    rebuilt = type(method)(concept_name="thing", **method.hparams())  # how a saved concept is rebuilt
+    assert rebuilt.vlm_decoding == method.vlm_decoding and method.vlm_decoding.seed == 0
+    assert torch.equal(written()[2], output)  # the same config writes the same prompts
+    assert not torch.equal(written("method.init_seed=1")[2], output)  # seeded from init_seed
+    _, kwargs, _ = written("method.vlm_temperature=1.3", "method.vlm_top_k=5", "method.vlm_top_p=0.5")
+    assert sampling(kwargs) == (True, 1.3, 5, 0.5)
+    _, kwargs, _ = written("method.vlm_sampling=false")
+    assert kwargs["do_sample"] is False and "top_p" not in kwargs
+
+
+@pytest.mark.parametrize("key,value", [("vlm_temperature", 0), ("vlm_temperature", -0.5), ("vlm_top_p", 0),
+                                       ("vlm_top_p", 1.5), ("vlm_top_k", -1), ("vlm_top_k", 2.5)])
+def test_bad_vlm_sampling_values_are_one_line(key, value):
+    from conceptkit.methods.bico import BiCo
+
+    with pytest.raises(UserError, match=f"^method.{key} must") as error:  # (train shows the constructor's UserError)
+        BiCo(**{key: value})
+    assert _one_line(error)
+    BiCo(vlm_sampling=False, **{key: value})  # greedy decoding reads none of them
+
+
+def test_vlm_video_prompts_are_written_from_each_clips_phrases(tiny_qwen_vl, tmp_path, monkeypatch):
+    """A video concept: each clip's phrases first (greedy), then the clip's prompts from both phrase lists,
+    then every frame's from its own clip's spatial phrases only (sampled); the phrases are recorded."""
+    import json
+
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from conceptkit.methods.bico.diversify import clip_instruction, frame_instruction
+
+    from conftest import GenerateSpy
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_vl)
+    phrase_answers = iter(["spatial: red square, grey background\ntemporal: sliding right",
+                           "Spatial: blue square, grey background\nTemporal: sliding down"])
+
+    def answer(input_ids):
+        asked = tokenizer.decode(input_ids[0])
+        text = next(phrase_answers) if "List the concepts" in asked else "a square on a grey background, seen from the front"
+        return _tiny_qwen_answer(tokenizer, text)
+
+    spy = GenerateSpy(monkeypatch, Qwen2_5_VLForConditionalGeneration, answer=answer)
+    _, method, _ = video_setup(tmp_path, f"method.vlm={tiny_qwen_vl}", "method.prompt_count=2")
+    red = {"spatial": ["red square", "grey background"], "temporal": ["sliding right"]}
+    blue = {"spatial": ["blue square", "grey background"], "temporal": ["sliding down"]}
+    assert method.concept_phrases == [red, blue]
+    asked = [tokenizer.decode(call["inputs"]["input_ids"][0]) for call in spy.calls]
+    assert len(asked) == 2 + 1 + 10  # the phrases of each clip, the clip's prompts, one per frame
+    assert clip_instruction(4, 2, red) in asked[2]  # the first clip's prompts: both of its phrase lists
+    assert all(frame_instruction(red) in a for a in asked[3:8]) and all(frame_instruction(blue) in a for a in asked[8:])
+    assert not any("sliding" in a for a in asked[3:])  # no frame is told the motion
+    assert [call["inputs"]["do_sample"] for call in spy.calls] == [False] * 2 + [True] * 11
+    assert method.training_prompts == ["a square on a grey background, seen from the front"]
+    # recorded with the concept (concept.json's method_info) and read back
+    info = json.loads(json.dumps(method.export_info()))
+    assert info["concept_phrases"] == [red, blue]
+    rebuilt = type(method)(concept_name="move", **method.hparams())
+    rebuilt.import_info(info)
+    assert rebuilt.concept_phrases == [red, blue]
 
 
 # bad input --------------------------------------------------------------------------------------
@@ -765,4 +958,249 @@ def test_video_data_on_an_image_only_backbone_is_one_clear_line():
     method = make_method("bico", "sd15_tiny", "thing")
     with pytest.raises(UserError, match="image-only") as error:
         method.initialize(backbone, data)
+    assert _one_line(error)
+
+
+# the global binding, once per forward ---------------------------------------------------------
+class CountingCache:
+    """Wraps BiCo's shared-binding cache: counts the global bindings made and keeps each weakly."""
+
+    def __init__(self, enabled=True):
+        from conceptkit.methods.bico.cache import SiteSharedCache
+
+        self.cache = SiteSharedCache(enabled=enabled)
+        self.made = []
+
+    def get(self, *args):
+        return self.cache.get(*args)
+
+    def put(self, context, rows, state, site, value):
+        if value.bound is not None:
+            self.made.append(weakref.ref(value.bound))
+        self.cache.put(context, rows, state, site, value)
+
+    def clear(self):
+        self.cache.clear()
+
+
+def count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda m, args, out: calls.append(1))
+    return calls, handle
+
+
+def training_step_grads(method, backbone, data, stage, cached=True):
+    """Loss, gradients and global-binder calls of one training step (forward + backward)."""
+    from conceptkit.method import TrainBatch
+
+    method._global_bindings = CountingCache(enabled=cached)
+    method.zero_grad(set_to_none=True)
+    calls, handle = count_calls(method.global_binder)
+    try:
+        batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
+        loss = method.training_loss(batch, backbone, stage)["loss"]
+        loss.backward()
+    finally:
+        handle.remove()
+    grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, len(calls), method._global_bindings
+
+
+@pytest.mark.parametrize("backbone_name", BACKBONES)
+def test_global_binding_runs_once_per_forward_and_equals_the_uncached_path(backbone_name):
+    """One global-binder pass per denoiser forward, shared by every site: the same loss, the same
+    gradients (the global binder's is the sum over sites either way) as computing it at each site,
+    also with gradient checkpointing (blocks recomputed in backward), and nothing kept after the step."""
+    backbone, method = attached(backbone_name)
+    sites = len([s for s in backbone.attention_sites() if s.kind == "cross"])
+    assert sites > 1
+    data = example_data(backbone, backbone_name)
+    perturb(method)
+    stage = method.stages()[1]  # `all`: the global binder, every site's own binder and the absorbent train
+    method.begin_stage(stage, backbone)
+    loss, grads, calls, cache = training_step_grads(method, backbone, data, stage)
+    assert calls == 1 and len(cache.made) == 1
+    assert all(ref() is None for ref in cache.made) and not cache.cache.holds  # freed with the step's graph
+    plain_loss, plain_grads, plain_calls, _ = training_step_grads(method, backbone, data, stage, cached=False)
+    assert plain_calls == sites
+    assert torch.equal(loss, plain_loss)  # the forward is the same computation, bit for bit
+    assert grads.keys() == plain_grads.keys() and "global_binder.scale" in grads and "absorbent_token" in grads
+    for name in grads:  # backward sums the sites' contributions in another order: rounding only
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-6)
+    method.gradient_checkpointing = True
+    method.begin_stage(stage, backbone)
+    assert backbone.denoiser.is_gradient_checkpointing
+    checkpointed_loss, checkpointed_grads, calls, cache = training_step_grads(method, backbone, data, stage)
+    assert calls == 2  # the forward, and the recomputation of the first site's block in backward
+    assert all(ref() is None for ref in cache.made) and not cache.cache.holds
+    assert torch.equal(checkpointed_loss, loss)
+    for name in grads:
+        torch.testing.assert_close(checkpointed_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+    method.detach(backbone)
+    assert not backbone.denoiser.is_gradient_checkpointing
+
+
+def test_global_binding_cache_per_concept_in_guided_composed_sampling():
+    """Sampling with guidance and two concepts, each with its own cache: the images equal the uncached
+    path's and nothing is kept after generate. The first concept's hooks see the backbone's context,
+    one tensor for every site, and bind globally once per denoiser call; the second's see the first's
+    per-site output, a new tensor at each site, and bind per site (the key is tensor identity)."""
+    from conceptkit.compose import render_prompt
+
+    backbone = make_backbone("sd15_tiny")
+    sites = len([s for s in backbone.attention_sites() if s.kind == "cross"])
+    data = example_data(backbone, "sd15_tiny")
+    concepts = [make_method("bico", "sd15_tiny", "subject", "method.description=red dog"),
+                make_method("bico", "sd15_tiny", "motion", "method.description=jumping high")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed, concept in enumerate(concepts):
+            concept.initialize(backbone, data)
+            concept.attach(backbone)
+            perturb(concept, seed=seed + 1)
+    prompt = render_prompt("a {subject} is {motion} in a park", concepts)
+
+    def sample(cached):
+        counted = []
+        for concept in concepts:
+            concept._global_bindings = CountingCache(enabled=cached)
+            counted.append(count_calls(concept.global_binder))
+        try:
+            images = backbone.generate([prompt, prompt], negative_prompt="a cat", steps=3)
+        finally:
+            for _, handle in counted:
+                handle.remove()
+        return images, [len(calls) for calls, _ in counted]
+
+    images, calls = sample(cached=True)
+    assert calls == [3, 3 * sites]  # 3 denoiser calls (the guided batch in one call each)
+    assert all(not c._global_bindings.cache.holds and all(r() is None for r in c._global_bindings.made)
+               for c in concepts)
+    plain, plain_calls = sample(cached=False)
+    assert plain_calls == [3 * sites] * 2
+    assert torch.equal(images, plain)
+
+
+def test_global_binding_cache_is_keyed_on_context_rows_mode_and_parameters():
+    """A site reuses the shared binding only for the same context tensor, the same declared rows, the
+    same mode and unchanged binder parameters; the site that made it recomputes (a new forward)."""
+    from conceptkit.attention import ContextRows
+    from conceptkit.methods.bico.binders import bind
+
+    backbone, method = attached("wan21_tiny")
+    perturb(method)
+    method._global_bindings = counting = CountingCache()
+    prompt = method.prompt("a photo of {thing}")
+    context, tokenized = backbone.encode_text([prompt])
+    width = method.global_binder.net[0].normalized_shape[0]
+    context = torch.randn(*context.shape[:2], width, generator=torch.Generator().manual_seed(0))
+
+    def expected(site):
+        mask = method.positions(backbone.hooks.rows, backbone)
+        return bind(context, mask, method.global_binder, method.block_binders[site])
+
+    with torch.no_grad():
+        first = [method.bind_context(context, site) for site in (0, 1)]  # wan21_tiny: 2 cross sites
+        assert len(counting.made) == 1
+        for site, out in zip((0, 1), first):
+            assert torch.equal(out, expected(site))
+        method.bind_context(context, 0)  # the site that made it: a new forward
+        assert len(counting.made) == 2
+        method.bind_context(context.clone(), 1)  # another context tensor (site 1 now owns the entry)
+        assert len(counting.made) == 3
+        backbone.hooks.declare_rows(ContextRows.conditional(tokenized))  # the same ids, newly declared
+        method.bind_context(context, 0)
+        assert len(counting.made) == 4
+        method.global_binder.scale.add_(0.25)  # an optimiser step, in place
+        assert torch.equal(method.bind_context(context, 1), expected(1)) and len(counting.made) == 5
+        method.bind_context(context, 0)  # nothing changed: reused
+        assert len(counting.made) == 5
+        method._global_only = not method._global_only  # another stage phase
+        method.bind_context(context, 0)
+        assert len(counting.made) == 6
+        method._training_rows = weakref.ref(backbone.hooks.rows)  # training mode: what training_loss sets
+        trained = method.bind_context(context, 0)
+        assert len(counting.made) == 7 and not torch.equal(trained, expected(0))  # whole-prompt mask, absorbent
+    method.detach(backbone)
+    assert not counting.cache.holds
+
+
+# bf16 binders ----------------------------------------------------------------------------------
+def test_bind_carries_the_residual_in_the_wider_dtype():
+    torch.manual_seed(0)
+    g, b = Binder(8).to(torch.bfloat16), Binder(8).to(torch.bfloat16)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[False, True, True, False, False], [True, False, False, False, False]])
+    assert torch.equal(bind(x, mask, g, b), x)  # scale 0: the float32 context, bit for bit (not rounded)
+    with torch.no_grad():
+        g.scale.fill_(0.7)
+        b.scale.fill_(-0.3)
+    out = bind(x, mask, g, b)
+    assert out.dtype == torch.float32 and torch.equal(out[~mask], x[~mask])
+    bound = x + g(x.bfloat16()).float()
+    torch.testing.assert_close(out[mask], (bound + b(bound.bfloat16()).float())[mask])
+    y = x.bfloat16()  # a bf16 backbone with bf16 binders: bf16 throughout (the official code)
+    assert bind(y, mask, g, b).dtype == torch.bfloat16
+    torch.testing.assert_close(bind(y, mask, g, b)[mask], (y + g(y) + b(y + g(y)))[mask])
+
+
+@pytest.mark.parametrize("backbone_name", BACKBONES)
+def test_bf16_binders_hold_bf16_bind_exactly_at_scale_zero_and_train(backbone_name):
+    from conceptkit.method import TrainBatch
+
+    backbone, method = attached(backbone_name, "thing", "method.binder_dtype=bfloat16")
+    binders = [method.global_binder, *method.block_binders]
+    assert {p.dtype for b in binders for p in b.parameters()} == {torch.bfloat16}
+    assert method.absorbent_token.dtype == torch.float32  # d numbers; in bf16 lr 1e-4 steps would vanish
+    assert method.hparams()["binder_dtype"] == "bfloat16"
+    perturb(method, scales=False)
+    prompt = method.prompt("a photo of {thing} on the beach")
+    bound = predict(backbone, [prompt])
+    method.detach(backbone)
+    assert torch.equal(bound, predict(backbone, ["a photo of %s on the beach" % method.resolved_description]))
+    method.attach(backbone)
+    data = example_data(backbone, backbone_name)
+    stage = method.stages()[1]
+    method.begin_stage(stage, backbone)
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)
+    batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
+    method.training_loss(batch, backbone, stage)["loss"].backward()
+    assert all(p.grad.dtype == p.dtype for p in method.parameters() if p.grad is not None)
+    optimizer.step()
+    assert {p.dtype for b in binders for p in b.parameters()} == {torch.bfloat16}
+    moved = {n for n, p in method.named_parameters() if not torch.equal(p, before[n])}
+    assert "global_binder.scale" in moved and "block_binders.0.scale" in moved and "absorbent_token" in moved
+
+
+def test_bf16_binders_save_and_load_back_in_bf16(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from conceptkit.artifact import load_concept
+    from conceptkit.methods.bico.binders import DualBranchBinder
+    from conceptkit.training.run import build_parts, train
+
+    from conftest import train_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = train(train_config("bico", "wan21_tiny", "experiment=smoke", "name=move", "sample.count=0",
+                                    f"data.images={write_clips(tmp_path / 'clips')}", "data.frames=5",
+                                    "method.binder_dtype=bfloat16", "method.frame_global_steps=1",
+                                    "method.frame_all_steps=1", "method.global_steps=1", "method.all_steps=1",
+                                    f"output={tmp_path / 'move.concept'}"))
+    assert json.loads((folder / "concept.json").read_text())["hparams"]["binder_dtype"] == "bfloat16"
+    weights = load_file(str(folder / "weights.safetensors"))
+    assert weights["global_binder.motion.net.1.weight"].dtype == torch.bfloat16
+    assert weights["block_binders.0.gate.bias"].dtype == torch.bfloat16
+    assert weights["absorbent_token"].dtype == torch.float32
+    assert weights["global_binder.spatial.scale"] != 0 and weights["global_binder.motion.scale"] != 0  # trained
+    method, _ = load_concept(folder, make_backbone("wan21_tiny"))
+    assert isinstance(method.global_binder, DualBranchBinder)
+    state = method.state_dict()
+    assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in weights.items())
+    with pytest.raises(UserError, match="^method.binder_dtype must be one of float32, bfloat16, got 'float16'$") as error:
+        build_parts(train_config("bico", "wan21_tiny", "method.binder_dtype=float16"))
     assert _one_line(error)

@@ -30,21 +30,28 @@ from __future__ import annotations
 
 import re
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
+from conceptkit.captioning import Decoding
 from conceptkit.embeddings import owner_id
 from conceptkit.errors import UserError
 from conceptkit.method import ConceptMethod, Stage, TrainBatch, TrainingData
-from conceptkit.methods.bico.binders import GATES, Binder, DualBranchBinder, SiteBinderHook, bind, write_absorbent
-from conceptkit.methods.bico.diversify import diversified_prompts, per_frame_prompts
+from conceptkit.methods.bico.binders import (GATES, Binder, DualBranchBinder, SiteBinderHook, bind_block, bind_global,
+                                             write_absorbent)
+from conceptkit.methods.bico.cache import GlobalBinding, SiteSharedCache
+from conceptkit.methods.bico.diversify import concept_phrases, diversified_prompts, per_frame_prompts
 from conceptkit.methods.bico.schedule import SIDES, opposite, side_timesteps
 from conceptkit.methods.bico.temporal import frame_images, frames_as_images
 from conceptkit.training.losses import denoising_loss
 
 
 CLIP_VIEWS = 4  # frames of a video source shown to the VLM for its clip-level prompts [ours]
+# method.binder_dtype: what the binders hold and compute in (float32: fp32 master weights, ours;
+# bfloat16: the official code's, half the binder memory). The absorbent token stays float32 (see README).
+BINDER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def stage_phase(stage_name: str) -> str:
@@ -57,21 +64,36 @@ def on_frames(stage_name: str) -> bool:
     return stage_name.startswith("frames_")
 
 
+def check_vlm_decoding(temperature: float, top_k: int, top_p: float) -> None:
+    """The VLM's sampling settings, checked where the config is read: transformers would fail later,
+    mid-run, or (a top_p above 1) silently not cut."""
+    if not temperature > 0:
+        raise UserError(f"method.vlm_temperature must be > 0, got {temperature} "
+                        f"(for greedy decoding set method.vlm_sampling=false)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise UserError(f"method.vlm_top_k must be a whole number >= 0 (0: no top-k cut), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"method.vlm_top_p must be in (0, 1], got {top_p}")
+
+
 class BiCo(ConceptMethod):
     name = "bico"
     version = "2"  # 2: temporal disentanglement (video concepts hold dual-branch binders)
 
     def __init__(self, concept_name: str = "concept", description: str | None = None,
                  prompts: list[str] | None = None, prompt_count: int = 60, vlm: str | None = None,
-                 per_block_binders: bool = True, absorbent: bool = True, global_steps: int = 120,
-                 all_steps: int = 180, lr: float = 1e-4, weight_decay: float = 1e-2, batch_size: int = 1,
+                 vlm_sampling: bool = True, vlm_temperature: float = 0.7, vlm_top_k: int = 50,
+                 vlm_top_p: float = 0.95, per_block_binders: bool = True, absorbent: bool = True,
+                 global_steps: int = 120, all_steps: int = 180, lr: float = 1e-4, weight_decay: float = 1e-2, batch_size: int = 1,
                  accumulate: int = 8, grad_clip: float | None = None, timestep_boundary: float = 417.0,
                  global_stage_favours: str = "low", favoured_fraction: float = 0.8, two_stage: bool = True,
                  temporal_disentanglement: bool = True, gate: str = "sigmoid", frame_prompts: list[str] | None = None,
                  frame_global_steps: int = 162, frame_all_steps: int = 243,
-                 gradient_checkpointing: bool = False, init_seed: int = 0):
+                 gradient_checkpointing: bool = False, binder_dtype: str = "float32", init_seed: int = 0):
         super().__init__(concept_name)
         self.description, self.prompts, self.prompt_count, self.vlm = description, prompts, prompt_count, vlm
+        self.vlm_sampling, self.vlm_temperature, self.vlm_top_k, self.vlm_top_p = (
+            vlm_sampling, float(vlm_temperature), vlm_top_k, float(vlm_top_p))
         self.per_block_binders, self.use_absorbent = per_block_binders, absorbent
         self.global_steps, self.all_steps, self.lr, self.weight_decay = global_steps, all_steps, lr, weight_decay
         self.batch_size, self.accumulate, self.grad_clip = batch_size, accumulate, grad_clip
@@ -80,6 +102,7 @@ class BiCo(ConceptMethod):
         self.temporal_disentanglement, self.gate, self.frame_prompts = temporal_disentanglement, gate, frame_prompts
         self.frame_global_steps, self.frame_all_steps = frame_global_steps, frame_all_steps
         self.gradient_checkpointing = gradient_checkpointing
+        self.binder_dtype = binder_dtype
         self.init_seed = init_seed
         if global_stage_favours not in SIDES:
             raise UserError(f"method.global_stage_favours must be one of {', '.join(SIDES)}, got {global_stage_favours!r}")
@@ -87,18 +110,27 @@ class BiCo(ConceptMethod):
             raise UserError(f"method.favoured_fraction must be in [0, 1], got {favoured_fraction}")
         if gate not in GATES:
             raise UserError(f"method.gate must be one of {', '.join(GATES)}, got {gate!r}")
+        if binder_dtype not in BINDER_DTYPES:
+            raise UserError(f"method.binder_dtype must be one of {', '.join(BINDER_DTYPES)}, got {binder_dtype!r}")
+        if vlm_sampling:  # greedy decoding reads none of them
+            check_vlm_decoding(vlm_temperature, vlm_top_k, vlm_top_p)
         # data-derived (export_info): the phrase `{name}` renders to, and the resolved training prompts
         self.resolved_description: str | None = description
         self.training_prompts: list[str] = list(prompts or [])
         self.clip_frames = 1  # frames per training clip (1: an image concept)
         self.frame_training_prompts: list[list[str]] = []  # per frame of the clips: its stage-1 candidates
+        self.concept_phrases: list[dict[str, list[str]] | None] = []  # per clip the VLM read: spatial / temporal
         self._frame_data: TrainingData | None = None  # the clips' frames as images (stage 1; training only)
         self.global_binder: Binder | DualBranchBinder | None = None
         self.block_binders = nn.ModuleList()
         self.absorbent_token: nn.Parameter | None = None
         self._backbone = None
         self._site_index: dict[str, int] = {}
-        self._training_rows = False  # set around training denoiser calls: whole-prompt mask + absorbent
+        # The rows of the current training step's prompts (held weakly): wherever they are declared the
+        # binders act in training mode (whole-prompt mask + absorbent), also in backward, when
+        # gradient checkpointing recomputes blocks after training_loss has returned.
+        self._training_rows: weakref.ref | None = None
+        self._global_bindings = SiteSharedCache()  # ctx_g, once per forward for every site (cache.py)
         self._global_only = False  # a `global` stage: training rows skip the per-block binders (official)
         self._spatial_only = False  # stage 1 of a video concept: dual binders act through their spatial branch
         self._checkpointing_was: bool | None = None
@@ -106,7 +138,9 @@ class BiCo(ConceptMethod):
     # identity --------------------------------------------------------------------------------
     def hparams(self):
         return dict(description=self.description, prompts=None if self.prompts is None else list(self.prompts),
-                    prompt_count=self.prompt_count, vlm=self.vlm, per_block_binders=self.per_block_binders,
+                    prompt_count=self.prompt_count, vlm=self.vlm, vlm_sampling=self.vlm_sampling,
+                    vlm_temperature=self.vlm_temperature, vlm_top_k=self.vlm_top_k, vlm_top_p=self.vlm_top_p,
+                    per_block_binders=self.per_block_binders,
                     absorbent=self.use_absorbent, global_steps=self.global_steps, all_steps=self.all_steps,
                     lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                     accumulate=self.accumulate, grad_clip=self.grad_clip, timestep_boundary=self.timestep_boundary,
@@ -114,13 +148,17 @@ class BiCo(ConceptMethod):
                     two_stage=self.two_stage, temporal_disentanglement=self.temporal_disentanglement, gate=self.gate,
                     frame_prompts=None if self.frame_prompts is None else list(self.frame_prompts),
                     frame_global_steps=self.frame_global_steps, frame_all_steps=self.frame_all_steps,
-                    gradient_checkpointing=self.gradient_checkpointing, init_seed=self.init_seed)
+                    gradient_checkpointing=self.gradient_checkpointing, binder_dtype=self.binder_dtype,
+                    init_seed=self.init_seed)
 
     def export_info(self):
         info = {"description": self.resolved_description, "training_prompts": list(self.training_prompts),
                 "clip_frames": self.clip_frames}
         if self.frame_training_prompts:
             info["frame_prompts"] = [list(p) for p in self.frame_training_prompts]
+        if self.concept_phrases:
+            info["concept_phrases"] = [None if p is None else {k: list(v) for k, v in p.items()}
+                                       for p in self.concept_phrases]
         return info
 
     def import_info(self, info):
@@ -129,6 +167,8 @@ class BiCo(ConceptMethod):
         # Artifacts before method version 2 hold no clip_frames: image concepts, or clips trained whole.
         self.clip_frames = int(info.get("clip_frames", 1))
         self.frame_training_prompts = [[str(p) for p in ps] for ps in info.get("frame_prompts", [])]
+        self.concept_phrases = [None if p is None else {k: [str(x) for x in v] for k, v in p.items()}
+                                for p in info.get("concept_phrases", [])]
 
     @property
     def disentangles(self) -> bool:
@@ -161,9 +201,17 @@ class BiCo(ConceptMethod):
         with torch.no_grad():
             self.absorbent_token.copy_(torch.randn(self.absorbent_token.shape, generator=generator))
 
+    @property
+    def vlm_decoding(self) -> Decoding:
+        """How the VLM writes prompts: sampled as the official code (or greedy), seeded from init_seed so
+        the same config writes the same prompts."""
+        return Decoding(sample=bool(self.vlm_sampling), temperature=self.vlm_temperature, top_k=self.vlm_top_k,
+                        top_p=self.vlm_top_p, seed=self.init_seed)
+
     def _write_prompts(self, backbone, data: TrainingData, caption: str | None) -> None:
         """The clip-level training prompts and, for a video concept, the per-frame ones. The VLM, when
-        it writes any of them, is loaded once here, asked for both, and released before training."""
+        it writes any of them, is loaded once here, asked for the clips' concept phrases (video sources),
+        the clip's prompts and the frames', and released before training."""
         clip_by_vlm = bool(self.vlm) and not self.prompts
         frames_by_vlm = bool(self.vlm) and self.disentangles and not self.frame_prompts
         vlm = None
@@ -177,27 +225,44 @@ class BiCo(ConceptMethod):
                 clip = self._clip_views(backbone, data)  # a video source: the VLM sees the clip, motion included
             elif clip_by_vlm:
                 image = self._first_frame(backbone, data)
-            self.training_prompts = diversified_prompts(self.resolved_description, caption, self.prompt_count, vlm,
-                                                        image=image, own=self.prompts, clip=clip)
+            self.concept_phrases = self._read_phrases(backbone, data, vlm, frames_by_vlm, clip)
+            self.training_prompts = diversified_prompts(
+                self.resolved_description, caption, self.prompt_count, vlm, image=image, own=self.prompts,
+                clip=clip, phrases=self.concept_phrases[0] if clip and self.concept_phrases else None,
+                decoding=self.vlm_decoding)
             if self.disentangles:
                 images = frame_images(data) if frames_by_vlm else None
                 self.frame_training_prompts = per_frame_prompts(self.resolved_description, data.captions,
                                                                 data.frames, vlm, images=images,
-                                                                own=self.frame_prompts, clip_prompts=self.prompts)
+                                                                own=self.frame_prompts, clip_prompts=self.prompts,
+                                                                phrases=self.concept_phrases,
+                                                                decoding=self.vlm_decoding)
         finally:
             if vlm is not None:
                 vlm.release()
 
+    def _read_phrases(self, backbone, data: TrainingData, vlm, frames_by_vlm: bool,
+                      first_clip: list | None) -> list:
+        """A video source's spatial / temporal concept phrases, one entry per clip the VLM writes prompts
+        for (the first clip for its prompts; every clip when it writes the frames'), before any prompt
+        (official order). None for a clip whose answer is unusable; no entries for an image source, or
+        for a model without a chat template (it takes no instruction)."""
+        if vlm is None or data.frames == 1 or not vlm.chat:
+            return []
+        clips = range(data.count) if frames_by_vlm else range(1)
+        views = [first_clip if n == 0 and first_clip else self._clip_views(backbone, data, clip=n) for n in clips]
+        return concept_phrases(views, vlm)
+
     @staticmethod
-    def _clip_views(backbone, data: TrainingData, count: int = CLIP_VIEWS) -> list:
-        """`count` evenly spaced frames (first and last included) of the first clip, as PIL images: from
-        the clip's pixels when the data holds them (no VAE round trip), else decoded from its latents."""
+    def _clip_views(backbone, data: TrainingData, count: int = CLIP_VIEWS, clip: int = 0) -> list:
+        """`count` evenly spaced frames (first and last included) of clip `clip`, as PIL images: from the
+        clip's pixels when the data holds them (no VAE round trip), else decoded from its latents."""
         from PIL import Image
 
         if data.pixels is not None:
-            pixels = (data.pixels[0] + 1) / 2  # (3, F, H, W), [-1, 1] -> [0, 1]
+            pixels = (data.pixels[clip] + 1) / 2  # (3, F, H, W), [-1, 1] -> [0, 1]
         else:
-            pixels = backbone.decode(data.latents.mean[:1].to(backbone.device))[0]
+            pixels = backbone.decode(data.latents.mean[clip:clip + 1].to(backbone.device))[0]
         picks = torch.linspace(0, pixels.shape[1] - 1, min(count, pixels.shape[1])).round().long()
         return [Image.fromarray((pixels[:, k].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
                 for k in picks.tolist()]
@@ -230,12 +295,16 @@ class BiCo(ConceptMethod):
         dim = sites[0].context_dim
 
         def binder():
-            return DualBranchBinder(Binder(dim), gate=self.gate) if self.disentangles else Binder(dim)
+            # Initialised in float32 and then cast, so a bf16 binder starts at the float32 one, rounded.
+            made = DualBranchBinder(Binder(dim), gate=self.gate) if self.disentangles else Binder(dim)
+            return made.to(BINDER_DTYPES[self.binder_dtype])
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             self.global_binder = binder()
             self.block_binders = nn.ModuleList([binder() for _ in sites] if self.per_block_binders else [])
+        # float32 whatever binder_dtype: d numbers, and at its N(0, 1) scale an AdamW step of lr 1e-4 is
+        # below bf16's spacing (2^-7 near 1), so in bf16 it would not move.
         self.absorbent_token = nn.Parameter(torch.zeros(dim)) if self.use_absorbent else None
 
     def attach(self, backbone) -> None:
@@ -259,6 +328,7 @@ class BiCo(ConceptMethod):
         if self._checkpointing_was is not None:
             self._set_checkpointing(backbone, self._checkpointing_was)
             self._checkpointing_was = None
+        self._global_bindings.clear()
         self._backbone = None
 
     def _description_rows(self, backbone) -> torch.Tensor:
@@ -270,9 +340,13 @@ class BiCo(ConceptMethod):
         return backbone.text_embedding_matrix()[torch.tensor(ids)].detach().clone()
 
     # the context hook's work -------------------------------------------------------------------
+    def _on_training_rows(self, rows) -> bool:
+        """Whether these are the rows of the current training step's prompts (see __init__)."""
+        return self._training_rows is not None and self._training_rows() is rows
+
     def positions(self, rows, backbone) -> torch.Tensor:
         """(B, L) bool: where this concept's binders act for these context rows."""
-        if self._training_rows:
+        if self._on_training_rows(rows):
             mask = rows.attention_mask.bool().clone()
             mask[torch.arange(mask.shape[0]), rows.eos_index] = False
             if backbone.tokens.has_bos:
@@ -289,15 +363,34 @@ class BiCo(ConceptMethod):
             got = None if rows is None else tuple(rows.input_ids.shape)
             raise RuntimeError(f"BiCo needs the token rows of the context {tuple(context.shape[:2])} (declared: {got}); "
                                f"encode it with backbone.encode_text or declare them with backbone.hooks.declare_rows")
-        if self._training_rows and self.absorbent_token is not None:
-            context = write_absorbent(context, rows.eos_index, self.absorbent_token)
-        mask = self.positions(rows, backbone)
-        if not mask.any():
-            return context  # nothing of this concept here (e.g. a prompt without {name}): untouched
-        block = None
-        if self.per_block_binders and not (self._training_rows and self._global_only):
-            block = self._acting(self.block_binders[binder_index])
-        return bind(context, mask, self._acting(self.global_binder), block)
+        training = self._on_training_rows(rows)
+        shared = self._global_binding(context, rows, training, binder_index)
+        if shared.bound is None:  # nothing of this concept here (e.g. a prompt without {name}): untouched
+            return context if shared.written is None else shared.written
+        bound = shared.bound
+        if self.per_block_binders and not (training and self._global_only):
+            bound = bind_block(bound, shared.mask, self._acting(self.block_binders[binder_index]))
+        return bound.to(context.dtype)
+
+    def _global_binding(self, context: torch.Tensor, rows, training: bool, site: int) -> GlobalBinding:
+        """The absorbent write, the mask and ctx_g: computed once per forward and shared by every
+        site (cache.py says when it is recomputed, and why that is safe under checkpointing)."""
+        global_binder = self._acting(self.global_binder)
+        # What ctx_g depends on besides the context and the rows. Parameter versions move with every
+        # in-place update (optimiser step, load_state_dict), so changed binders never meet an old ctx_g.
+        state = (training, self._global_only, self._spatial_only,
+                 tuple(p._version for p in global_binder.parameters()),
+                 None if self.absorbent_token is None else self.absorbent_token._version)
+        shared = self._global_bindings.get(context, rows, state, site)
+        if shared is None:
+            written = None
+            if training and self.absorbent_token is not None:
+                written = write_absorbent(context, rows.eos_index, self.absorbent_token)
+            source = context if written is None else written
+            mask = self.positions(rows, self._backbone)
+            shared = GlobalBinding(written, mask, bind_global(source, mask, global_binder) if mask.any() else None)
+            self._global_bindings.put(context, rows, state, site, shared)  # keyed on the hook's own input
+        return shared
 
     def _acting(self, binder: nn.Module) -> nn.Module:
         # Stage 1 of a video concept trains (and previews) the spatial branch alone: the official
@@ -341,6 +434,7 @@ class BiCo(ConceptMethod):
                 binder.restart_motion()
         self._spatial_only = self.disentangles and on_frames(stage.name)
         self._global_only = phase == "global"
+        self._global_bindings.clear()
         self.requires_grad_(False)
         self._acting(self.global_binder).requires_grad_(True)
         if phase == "all":
@@ -382,11 +476,11 @@ class BiCo(ConceptMethod):
                                        self.favoured_fraction, generator)
         noisy = backbone.make_noisy(latents, generator, timesteps=timesteps)
         context, _ = backbone.encode_text(prompts)  # declares the rows the binders read
-        self._training_rows = True
-        try:
-            prediction = backbone.denoise(noisy.noisy, noisy.timesteps, context)
-        finally:
-            self._training_rows = False
+        # Training mode follows these rows, not a flag around the call: checkpointed blocks recompute in
+        # backward, after this returns, and must bind as their forward did. Declaring other rows
+        # (encode_text, generate: previews, inference) ends it.
+        self._training_rows = weakref.ref(backbone.hooks.rows)
+        prediction = backbone.denoise(noisy.noisy, noisy.timesteps, context)
         loss = denoising_loss(prediction, noisy.target)
         return {"loss": loss, "t_mean": noisy.timesteps.float().mean()}
 

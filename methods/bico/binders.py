@@ -14,6 +14,12 @@ Temporal disentanglement (video concepts) uses dual-branch binders; stage 1 (fra
 spatial branch alone, stage 2 (whole clips) the mix:
     f(x) = g(x) * spatial(x) + (1 - g(x)) * motion(x),  g = gate(LN(x) -> Linear(d, 1), bias 2)
 `gate_values` gives g for the two gate kinds (see README.md: the official code's gate is always 1).
+
+Precision: each binder computes in its own parameters' dtype (float32, or bfloat16 with
+`method.binder_dtype=bfloat16`), but the residual stream `ctx + f(ctx)` is carried in the wider of the
+context's and the binders' dtypes. So a float32 context with bf16 binders stays float32 where nothing
+is added (at scale 0 the result is the context, bit for bit), and a bf16 context with float32
+binders is bound in float32 and rounded once, at the end.
 """
 
 from __future__ import annotations
@@ -85,14 +91,39 @@ class DualBranchBinder(nn.Module):
         return g * self.spatial(x) + (1 - g) * self.motion(x)
 
 
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a binder holds and computes in (all its parameters share it)."""
+    return next(module.parameters()).dtype
+
+
+def residual_dtype(context: torch.Tensor, global_binder: nn.Module) -> torch.dtype:
+    """The dtype `ctx + f(ctx)` is carried in: the wider of the context's and the binders'."""
+    return torch.promote_types(context.dtype, parameter_dtype(global_binder))
+
+
+def add_where(x: torch.Tensor, mask: torch.Tensor, binder: nn.Module) -> torch.Tensor:
+    """where(mask, x + f(x), x): f computes in its own dtype, the sum stays in x's dtype."""
+    delta = binder(x.to(parameter_dtype(binder))).to(x.dtype)
+    return torch.where(mask.to(x.device).unsqueeze(-1), x + delta, x)
+
+
+def bind_global(context: torch.Tensor, mask: torch.Tensor, global_binder: nn.Module) -> torch.Tensor:
+    """ctx_g = where(mask, ctx + f_g(ctx), ctx), in the residual dtype (what every site's binder takes)."""
+    return add_where(context.to(residual_dtype(context, global_binder)), mask, global_binder)
+
+
+def bind_block(bound: torch.Tensor, mask: torch.Tensor, block_binder: nn.Module) -> torch.Tensor:
+    """ctx_b = where(mask, ctx_g + f_b(ctx_g), ctx_g): one site's binder on the globally bound context."""
+    return add_where(bound, mask, block_binder)
+
+
 def bind(context: torch.Tensor, mask: torch.Tensor, global_binder: nn.Module, block_binder: nn.Module | None) -> torch.Tensor:
-    """context (B, L, d) in any dtype; mask (B, L) bool. Binders run in float32 (their parameters'
-    dtype) and the result returns in the context's dtype."""
-    where = mask.to(context.device).unsqueeze(-1)
-    x = context.float()
-    bound = torch.where(where, x + global_binder(x), x)
+    """context (B, L, d) in any dtype; mask (B, L) bool. The whole hierarchy at one site, uncached (BiCo
+    computes `bind_global` once per forward and `bind_block` per site); the result returns in the
+    context's dtype."""
+    bound = bind_global(context, mask, global_binder)
     if block_binder is not None:
-        bound = torch.where(where, bound + block_binder(bound), bound)
+        bound = bind_block(bound, mask, block_binder)
     return bound.to(context.dtype)
 
 

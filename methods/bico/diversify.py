@@ -1,38 +1,45 @@
 """Diversified training prompts for one concept source, and the per-frame prompts of a video concept.
 
-The official pipeline asks Qwen2.5-VL-7B-Instruct for 60 prompts describing the source (for a video,
-the whole clip: its spatial and temporal concept phrases). conceptkit asks the vision-language model
-the user configures (`method.vlm`: a hub id or local folder, any transformers image-text-to-text model,
-through conceptkit.captioning), or, without one, varies the wording offline with fixed templates
-around the description (and warns: the offline prompts vary the frame, not the content, so the
-binders see less diverse text).
+The official pipeline asks Qwen2.5-VL-7B-Instruct first for the concept phrases of a source (for a
+video: spatial phrases -- objects, colours, style -- and temporal ones -- motion), then for 60 prompts
+written from the source and those phrases, sampled (temperature 0.7, top-k 50, top-p 0.95). conceptkit
+asks the vision-language model the user configures (`method.vlm`: a hub id or local folder, any
+transformers image-text-to-text model, through conceptkit.captioning), with the decoding the caller
+passes (BiCo: sampled and seeded, or greedy), or, without one, varies the wording offline with fixed
+templates around the description (and warns: the offline prompts vary the frame, not the content, so
+the binders see less diverse text).
 
-What the VLM sees: an image source, its image (INSTRUCTION); a video source, several evenly spaced
-frames of the clip in one message, in time order (CLIP_INSTRUCTION: subject, appearance and motion).
-Several images rather than a video input: every chat VLM that takes images takes several (the same
-processor call as one image, in every transformers version), each frame keeps its full resolution
-(Qwen2.5-VL's video input fuses pairs of frames into one patch), and a few frames cost few tokens.
-A model without a chat template (BLIP, ...) sees the first frame only.
+What the VLM sees: an image source, its image (INSTRUCTION, one call); a video source, several evenly
+spaced frames of the clip in one message, in time order: first for its concept phrases
+(PHRASES_INSTRUCTION, two lines "spatial: ..." / "temporal: ...", parsed by `parse_concept_phrases`),
+then for its prompts (`clip_instruction`: both phrase lists, and the subject, appearance and motion;
+without usable phrases, CLIP_INSTRUCTION as before). Several images rather than a video input: every
+chat VLM that takes images takes several (the same processor call as one image, in every transformers
+version), each frame keeps its full resolution (Qwen2.5-VL's video input fuses pairs of frames into
+one patch), and a few frames cost few tokens. A model without a chat template (BLIP, ...) sees the
+first frame only.
 
 `vlm` is a name (loaded for the call, then released) or a loaded conceptkit.captioning.VisionLanguageModel
-(the caller's: BiCo loads the model once per concept and asks it for the clip's prompts and then for
-every frame's).
+(the caller's: BiCo loads the model once per concept and asks it for the clips' phrases, the clip's
+prompts and then every frame's).
 
 Video concepts train their first stage on the clip's frames as images (temporal disentanglement).
 The official code gives every frame its own prompt, written by the VLM from that frame and the
-clip's spatial concept phrases only (motion phrases removed). `per_frame_prompts` returns one list of
-candidate prompts per frame: the user's `method.frame_prompts` (every frame draws from it), else the
-VLM's one prompt per frame, else still-image wordings derived from the clip's prompts: the user's
-`method.prompts`, or the offline templates (without the one that says "video") around the
-description and that clip's caption.
+clip's spatial concept phrases only (motion phrases removed): `frame_instruction` does the same.
+`per_frame_prompts` returns one list of candidate prompts per frame: the user's `method.frame_prompts`
+(every frame draws from it), else the VLM's one prompt per frame, else still-image wordings derived
+from the clip's prompts: the user's `method.prompts`, or the offline templates (without the one that
+says "video") around the description and that clip's caption.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from typing import TYPE_CHECKING
 
+from conceptkit.captioning import GREEDY, Decoding
 from conceptkit.errors import UserError
 
 if TYPE_CHECKING:  # annotations only
@@ -62,6 +69,33 @@ FRAME_INSTRUCTION = ("Write one prompt for a text-to-image model that would repr
                      "the subject, its appearance and its surroundings. Describe what is visible, not motion or "
                      "change over time. One sentence of 10 to 40 words, no numbering.")
 
+# The official code asks for JSON ({"spatial": [...], "temporal": [...]}); two labelled lines [ours] are
+# shorter to ask for and parse line by line even when an answer is cut off or wrapped in other text
+# (an answer in the code's JSON is read too).
+PHRASES_INSTRUCTION = ("These {frames} images are frames of one video clip, in time order. List the concepts that "
+                       "compose this video as short phrases of one to a few words, in exactly two lines:\n"
+                       "spatial: the subject, its appearance and its surroundings (objects, colours, materials, style)\n"
+                       "temporal: the motion (how the subject moves or changes over the clip, camera movement)\n"
+                       "Phrases separated by commas; write none on a line with nothing to list. No other text.")
+
+CLIP_PHRASES_INSTRUCTION = ("These {frames} images are frames of one video clip, in time order. Its spatial concepts "
+                            "(the subject, its appearance and its surroundings): {spatial}. Its temporal concepts "
+                            "(its motion): {temporal}. Write {count} different prompts for a text-to-video model that "
+                            "would reproduce this video, each built from these concepts (rearranged or paraphrased, "
+                            "true to the frames): the subject, its appearance, its surroundings and its motion. Each "
+                            "prompt one sentence of 10 to 40 words, varied in wording. One prompt per line, no "
+                            "numbering.")
+
+# Spatial phrases only: a frame's prompt describes a still image (official: the temporal phrases are removed).
+FRAME_PHRASES_INSTRUCTION = ("This image is a still frame of a video whose spatial concepts (the subject, its "
+                             "appearance and its surroundings) are: {spatial}. Write one prompt for a text-to-image "
+                             "model that would reproduce this frame, built from these concepts where the frame shows "
+                             "them. Describe what is visible, not motion or change over time. One sentence of 10 to "
+                             "40 words, no numbering.")
+
+SPATIAL, TEMPORAL = "spatial", "temporal"
+MAX_PHRASE_WORDS = 8  # a concept phrase is a word or a few; a longer piece is a sentence, not a phrase [ours]
+
 
 def offline_prompts(description: str, caption: str | None, count: int) -> list[str]:
     bases = [description] + ([caption] if caption and caption != description else [])
@@ -83,15 +117,111 @@ def parse_prompt_lines(text: str, count: int) -> list[str]:
     return prompts[:count]
 
 
+def _clean_phrases(items) -> list[str]:
+    """Phrases from a comma / semicolon separated string or a list: stripped of quotes, brackets and
+    markdown, "none" and over-long pieces dropped, duplicates (any case) dropped, order kept."""
+    pieces = re.split(r"[,;]", items) if isinstance(items, str) else [str(item) for item in items]
+    phrases, seen = [], set()
+    for piece in pieces:
+        phrase = " ".join(piece.strip(" \t\"'`*[]{}().").split())
+        if not phrase or phrase.lower() in ("none", "n/a", "-") or len(phrase.split()) > MAX_PHRASE_WORDS:
+            continue
+        if phrase.lower() not in seen:
+            seen.add(phrase.lower())
+            phrases.append(phrase)
+    return phrases
+
+
+def _labelled_json(text: str) -> dict | None:
+    """The official code's answer format: a JSON object with "spatial" and "temporal" lists."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        value = json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    found = {str(key).strip().lower(): item for key, item in value.items()}
+    return {label: found[label] for label in (SPATIAL, TEMPORAL) if isinstance(found.get(label), (str, list))}
+
+
+def _labelled_lines(text: str) -> dict:
+    """Lines "spatial: a, b" / "temporal: c" (any case; markdown, quotes or a word like "concepts"
+    around the label allowed, so the code's JSON lines read too when the object is not valid JSON);
+    the first line of each label wins."""
+    found = {}
+    for line in text.splitlines():
+        match = re.match(r"^[\s*#\"'\-\u2022]*(spatial|temporal)\b[^:]{0,20}:(.*)$", line, re.IGNORECASE)
+        if match and match.group(1).lower() not in found:
+            found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def parse_concept_phrases(text: str | None) -> dict[str, list[str]] | None:
+    """A VLM answer to PHRASES_INSTRUCTION -> {"spatial": [...], "temporal": [...]}, or None when it is
+    not usable: both labels must be there (an answer without one did not follow the format, or was cut
+    off) and at least one spatial phrase; an empty temporal list ("temporal: none", a still clip) is
+    an answer. Two labelled lines, or the official code's JSON object."""
+    if not text:
+        return None
+    found = _labelled_json(text) or _labelled_lines(text)
+    if SPATIAL not in found or TEMPORAL not in found:
+        return None
+    phrases = {label: _clean_phrases(found[label]) for label in (SPATIAL, TEMPORAL)}
+    return phrases if phrases[SPATIAL] else None
+
+
+def _listed(phrases: list[str]) -> str:
+    return ", ".join(phrases) if phrases else "none"
+
+
+def clip_instruction(frames: int, count: int, phrases: dict[str, list[str]] | None = None) -> str:
+    """What the VLM is asked for a clip's prompts: with the clip's spatial and temporal phrases when
+    known, else the phrase-free CLIP_INSTRUCTION."""
+    if phrases is None:
+        return CLIP_INSTRUCTION.format(frames=frames, count=count)
+    return CLIP_PHRASES_INSTRUCTION.format(frames=frames, count=count, spatial=_listed(phrases[SPATIAL]),
+                                           temporal=_listed(phrases[TEMPORAL]))
+
+
+def frame_instruction(phrases: dict[str, list[str]] | None = None) -> str:
+    """What the VLM is asked for one frame's prompt: with its clip's spatial phrases only (never the
+    temporal ones) when known, else the phrase-free FRAME_INSTRUCTION."""
+    if phrases is None:
+        return FRAME_INSTRUCTION
+    return FRAME_PHRASES_INSTRUCTION.format(spatial=_listed(phrases[SPATIAL]))
+
+
 def vlm_name(vlm: str | VisionLanguageModel) -> str:
     """The name a warning shows for `method.vlm`, given as a name or as a loaded model."""
     return str(getattr(vlm, "name", vlm))
 
 
+def concept_phrases(clips: list[list], vlm: str | VisionLanguageModel) -> list[dict[str, list[str]] | None]:
+    """Each clip's spatial and temporal concept phrases (one message per clip: its frames in time order),
+    None for a clip whose answer is not usable (one warning for all of them). Greedy decoding [ours]:
+    the phrases are the VLM's most likely reading; the variety comes from the prompts written after."""
+    from conceptkit.captioning import caption_images
+
+    instructions = [PHRASES_INSTRUCTION.format(frames=len(clip)) for clip in clips]
+    answers = caption_images([list(clip) for clip in clips], vlm, instruction=instructions, max_new_tokens=160,
+                             setting="method.vlm")
+    phrases = [parse_concept_phrases(answer) for answer in answers]
+    failed = sum(1 for p in phrases if p is None)
+    if failed:
+        warnings.warn(f"method.vlm {vlm_name(vlm)!r} gave no usable spatial / temporal concept phrases for {failed} "
+                      f"of {len(clips)} clips; their prompts are written without them", stacklevel=2)
+    return phrases
+
+
 def diversified_prompts(description: str, caption: str | None, count: int, vlm: str | VisionLanguageModel | None,
-                        image=None, own: list[str] | None = None, clip: list | None = None) -> list[str]:
+                        image=None, own: list[str] | None = None, clip: list | None = None,
+                        phrases: dict[str, list[str]] | None = None, decoding: Decoding = GREEDY) -> list[str]:
     """The training prompts: the user's own list, else the VLM's, else the offline fallback.
-    The VLM sees `clip` (frames of a video source, in time order) when given, else `image`."""
+    The VLM sees `clip` (frames of a video source, in time order, with its concept `phrases` when
+    known) when given, else `image`; it decodes with `decoding`."""
     if own:
         prompts = [str(p).strip() for p in own if str(p).strip()]
         if not prompts:
@@ -103,11 +233,11 @@ def diversified_prompts(description: str, caption: str | None, count: int, vlm: 
         from conceptkit.captioning import caption_images
 
         if clip:
-            message, instruction = list(clip), CLIP_INSTRUCTION.format(frames=len(clip), count=count)
+            message, instruction = list(clip), clip_instruction(len(clip), count, phrases)
         else:
             message, instruction = image, INSTRUCTION.format(count=count)
         answer = caption_images([message], vlm, instruction=instruction, max_new_tokens=60 * count,
-                                setting="method.vlm")[0] or ""
+                                setting="method.vlm", decoding=decoding)[0] or ""
         prompts = parse_prompt_lines(answer, count)
         if prompts:
             return prompts
@@ -128,10 +258,13 @@ def still_prompts(description: str, caption: str | None) -> list[str]:
 
 def per_frame_prompts(description: str, captions: list[str | None], frames: int,
                       vlm: str | VisionLanguageModel | None = None, images: list | None = None,
-                      own: list[str] | None = None,
-                      clip_prompts: list[str] | None = None) -> list[list[str]]:
+                      own: list[str] | None = None, clip_prompts: list[str] | None = None,
+                      phrases: list[dict[str, list[str]] | None] | None = None,
+                      decoding: Decoding = GREEDY) -> list[list[str]]:
     """Stage-1 prompts of a video concept: one candidate list per frame, clip by clip (frame k of clip n
-    at n * frames + k). `images` (PIL, same order) are needed only when the VLM writes them."""
+    at n * frames + k). `images` (PIL, same order) are needed only when the VLM writes them; it is
+    given each clip's spatial phrases from `phrases` (one entry per clip, None: unknown) and decodes
+    frame i with `decoding.for_item(i)`."""
     count = len(captions) * frames
     if own:
         pool = [str(p).strip() for p in own if str(p).strip()]
@@ -146,8 +279,11 @@ def per_frame_prompts(description: str, captions: list[str | None], frames: int,
     if vlm:
         from conceptkit.captioning import caption_images
 
-        answers = caption_images(list(images), vlm, instruction=FRAME_INSTRUCTION, max_new_tokens=80,
-                                 setting="method.vlm")
+        clip_phrases = list(phrases or [])
+        instructions = [frame_instruction(clip_phrases[k // frames] if k // frames < len(clip_phrases) else None)
+                        for k in range(count)]
+        answers = caption_images(list(images), vlm, instruction=instructions, max_new_tokens=80,
+                                 setting="method.vlm", decoding=decoding)
         written = [parse_prompt_lines(answer or "", 1) for answer in answers]
         prompts = [lines or derived(k) for k, lines in enumerate(written)]
         failed = sum(1 for lines in written if not lines)

@@ -12,11 +12,15 @@ as a name: a caller with several questions for one model (BiCo: a clip's prompts
 loads it once and calls `release()` when done, so a 7B VLM does not stay beside the backbone. One item
 of `caption_images` is one message: a single image, or a list of images (e.g. frames of one clip, in
 time order) that a chat VLM sees together; a model without a chat template sees the first of them.
+
+Decoding is greedy unless the caller passes a sampling `Decoding` (BiCo: the official code samples its
+prompts). Sampling is seeded per message and leaves the global torch RNG as it was, so the same
+settings write the same answers and training's random stream does not depend on whether a VLM ran.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,31 @@ from conceptkit.errors import UserError
 
 DEFAULT_INSTRUCTION = ("Describe this image in one sentence of 8 to 32 words: the subject, the background, "
                        "the lighting and the style.")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How `generate` picks tokens: greedy (`sample=False`, the other fields unused), or sampled with
+    temperature / top-k / top-p from the torch RNG seeded with `seed` (so an answer reproduces)."""
+
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50  # 0: no top-k cut (transformers' convention)
+    top_p: float = 1.0
+    seed: int = 0
+
+    def generate_kwargs(self) -> dict:
+        if not self.sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+    def for_item(self, index: int) -> Decoding:
+        """The decoding of message `index` of a batch: its own seed, so messages do not share one random
+        stream and an item's answer does not depend on the items before it (the official code: seed + i)."""
+        return replace(self, seed=self.seed + index) if self.sample else self
+
+
+GREEDY = Decoding()
 
 
 @dataclass
@@ -72,9 +101,11 @@ def load_vlm(model: str, setting: str = "data.captioner") -> VisionLanguageModel
     return VisionLanguageModel(name=str(model), processor=processor, network=network, device=device)
 
 
-def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_tokens: int) -> str | None:
+def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_tokens: int,
+             decoding: Decoding = GREEDY) -> str | None:
     """The model's answer to one message holding `images` (one or more, in order) and the instruction:
-    its non-empty lines, or None when it answers nothing. Greedy decoding, so a run reproduces."""
+    its non-empty lines, or None when it answers nothing. Greedy by default; a sampling `decoding`
+    reproduces through its seed."""
     import torch
 
     if vlm.released:
@@ -88,7 +119,7 @@ def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_t
         images, text = images[:1], ""  # plain captioners take one image and caption best unprompted
     inputs = vlm.processor(images=images, text=text, return_tensors="pt").to(vlm.device)
     with torch.no_grad():
-        generated = vlm.network.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        generated = generate_answer(vlm, inputs, max_new_tokens, decoding)
     # A chat model's output starts with the prompt it was given: keep only the answer.
     prompt_length = inputs["input_ids"].shape[1] if vlm.chat and "input_ids" in inputs else 0
     answer = vlm.processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)[0]
@@ -97,15 +128,37 @@ def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_t
     return "\n".join(line for line in lines if line) or None
 
 
-def caption_images(images: list, model: str | VisionLanguageModel, instruction: str = DEFAULT_INSTRUCTION,
-                   max_new_tokens: int = 48, setting: str = "data.captioner") -> list[str | None]:
+def generate_answer(vlm: VisionLanguageModel, inputs, max_new_tokens: int, decoding: Decoding):
+    """The network's `generate` with `decoding`'s settings. Sampling draws from the global torch RNG
+    (transformers' generate takes no torch.Generator), so it runs inside fork_rng: seeded for this
+    message, and the caller's RNG states are restored afterwards."""
+    import torch
+
+    kwargs = dict(max_new_tokens=max_new_tokens, **decoding.generate_kwargs())
+    if not decoding.sample:
+        return vlm.network.generate(**inputs, **kwargs)
+    # torch.manual_seed seeds every CUDA device, not only the VLM's: fork (and so restore) them all.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(decoding.seed)
+        return vlm.network.generate(**inputs, **kwargs)
+
+
+def caption_images(images: list, model: str | VisionLanguageModel, instruction: str | list[str] = DEFAULT_INSTRUCTION,
+                   max_new_tokens: int = 48, setting: str = "data.captioner",
+                   decoding: Decoding = GREEDY) -> list[str | None]:
     """One answer per item of `images`: an item is one image, or a list of images shown in one message.
-    `model` is a name (loaded here, released after; `setting` names it in a loading error) or a loaded
-    VisionLanguageModel (the caller's: left open)."""
+    `instruction` is one for every item, or a list with one per item. `model` is a name (loaded here,
+    released after; `setting` names it in a loading error) or a loaded VisionLanguageModel (the
+    caller's: left open). Item i decodes with `decoding.for_item(i)` (sampling: seed + i)."""
+    instructions = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
+    if len(instructions) != len(images):
+        raise ValueError(f"caption_images got {len(instructions)} instructions for {len(images)} items")
     vlm = model if isinstance(model, VisionLanguageModel) else load_vlm(model, setting)
     try:
-        return [describe(vlm, item if isinstance(item, (list, tuple)) else [item], instruction, max_new_tokens)
-                for item in images]
+        return [describe(vlm, item if isinstance(item, (list, tuple)) else [item], text, max_new_tokens,
+                         decoding.for_item(i))
+                for i, (item, text) in enumerate(zip(images, instructions))]
     finally:
         if vlm is not model:
             vlm.release()
