@@ -312,6 +312,17 @@ def pair_concept(tmp_path_factory):
                               "method.sentence='a photo of a {ball} and a {cube}'", f"output={root / 'pair.concept'}"))
 
 
+def test_training_records_the_mean_mask_area_and_loss_terms(pair_concept):
+    """concept.json keeps each loss term averaged over the stage: how much of the latent the hard
+    mask kept (the reading that tells a vacuous mask from a working one), the masked reconstruction
+    and PromptCL; bench suites report the mask area from here (bench.suites.training_terms)."""
+    from conceptkit.bench.suites import training_terms
+
+    terms = training_terms(pair_concept)
+    assert {"loss", "rec", "mask_area", "contrastive"} <= set(terms), terms
+    assert 0.0 < terms["mask_area"] <= 1.0 and terms["contrastive"] > 0.0
+
+
 def test_words_compose_alone_together_and_with_other_methods(pair_concept, tmp_path):
     from conceptkit.artifact import load_concept
     from conceptkit.compose import render_prompt

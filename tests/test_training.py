@@ -31,7 +31,12 @@ def _cfg(tmp_path, name, *extra):
 def test_resume_continues_exactly(tmp_path):
     from conceptkit.training.run import train
 
+    import json
+
     reference = load_file(str(train(_cfg(tmp_path, "ref.concept")) / "weights.safetensors"))
+    reference_stages = json.loads((tmp_path / "ref.concept" / "concept.json").read_text())["training"]["stages"]
+    # each stage records its loss terms averaged over its steps (ConceptPrism's token stage: loss, rec, exclusion...)
+    assert all({"loss", "rec"} <= set(s["mean_terms"]) for s in reference_stages), reference_stages
     for stage_name in ("tokens", "lora"):
         name = f"crash_{stage_name}.concept"
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -46,6 +51,9 @@ def test_resume_continues_exactly(tmp_path):
         assert resumed.keys() == reference.keys()
         for key in reference:
             assert torch.equal(resumed[key], reference[key]), (stage_name, key)
+        stages = json.loads((tmp_path / name / "concept.json").read_text())["training"]["stages"]
+        # the running means travel in the checkpoint: a resumed stage reports the uninterrupted means
+        assert [s["mean_terms"] for s in stages] == [s["mean_terms"] for s in reference_stages], stage_name
     # and without resume the crash's state is not reused: a fresh run gives the same reference again
     fresh = load_file(str(train(_cfg(tmp_path, "crash_tokens.concept", "overwrite=true")) / "weights.safetensors"))
     assert all(torch.equal(fresh[k], reference[k]) for k in reference)

@@ -381,6 +381,16 @@ def word_prompt(method, name: str, word: str) -> str:
     return text if "{" not in text else method.prompt("{%s}" % name)
 
 
+def training_terms(concept_folder: Path) -> dict[str, float]:
+    """The loss terms a concept's training reported, averaged over its steps (concept.json: each
+    stage's mean_terms; a later stage's value of a term replaces an earlier one)."""
+    meta = json.loads((Path(concept_folder) / "concept.json").read_text())
+    terms: dict[str, float] = {}
+    for stage in meta["training"]["stages"]:
+        terms.update(stage.get("mean_terms", {}))
+    return terms
+
+
 def run_multi_suite(cfg) -> Path:
     from conceptkit.artifact import load_concept
     from conceptkit.config import compose
@@ -410,6 +420,7 @@ def run_multi_suite(cfg) -> Path:
         folder = train(compose("train", overrides + list(extra)))
         seconds = time.time() - started
         method, _ = load_concept(folder, backbone)
+        terms = training_terms(folder)
         for k, word in enumerate(case.words):
             token = word_prompt(method, case.name, word)
             texts = [MULTI_PROMPTS[0].format(token), MULTI_PROMPTS[1].format(token, case.background)]
@@ -423,7 +434,8 @@ def run_multi_suite(cfg) -> Path:
                             "backbone": backbone_name, "concept": case.name, "word": word,
                             **{m: round(v, 4) for m, v in metrics.items()}, "train_seconds": round(seconds, 1),
                             "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
-                            "prompts": list(dict.fromkeys(texts)), "sentence": case.sentence})
+                            "prompts": list(dict.fromkeys(texts)), "sentence": case.sentence,
+                            "training_terms": terms})
         method.detach(backbone)
     _write_multi_results(output, cfg, variants, records)
     if not cfg.keep_work:
@@ -454,14 +466,18 @@ def write_variant_results(output: Path, cfg, suite: str, variants, records: list
     (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
     lines = [f"# conceptkit bench: {suite}", "",
              f"backbone {cfg.suite_backbone}, seed {cfg.seed}, {cfg.train_steps or 'default'} steps per stage; {what}", "",
-             "| variant | method | overrides | " + " | ".join(metrics) + f" | {unit} | train s |",
-             "|---" * (len(metrics) + 5) + "|"]
+             "| variant | method | overrides | " + " | ".join(metrics) + f" | {unit} | train s | train mask area |",
+             "|---" * (len(metrics) + 6) + "|"]
     for label, method, extra in variants:
         rows = [r for r in records if r["variant"] == label]
         if rows:
             means = [np.mean([r[m] for r in rows]) for m in metrics]
+            # The fraction of the latent an attention-masked method (MCPL) kept in its loss, averaged
+            # over training: near 1 means the mask did not mask (diffuse cross-attention).
+            areas = [r.get("training_terms", {}).get("mask_area") for r in rows]
+            area = f"{np.mean(areas):.3f}" if all(a is not None for a in areas) else "-"
             lines.append(f"| {label} | {method} | {' '.join(extra) or '-'} | " + " | ".join(f"{v:.3f}" for v in means) +
-                         f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
+                         f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} | {area} |")
     lines += ["", "## Per record", ""]
     for r in records:
         lines.append(f"### {heading(r)}")

@@ -53,6 +53,29 @@ class ConceptTrainingModule(L.LightningModule):
         self.stage = stage
         self.stage_index = stage_index
         self.seed = seed
+        # Running sums of every term the method reports (loss, rec, mask_area, ...), for the stage's
+        # record in concept.json: a final step's value is one noisy draw, the stage mean says what the
+        # term did (e.g. how much of the latent MCPL's attention mask kept). Kept in checkpoints so a
+        # resumed stage reports the same means as an uninterrupted one.
+        self.term_sums: dict[str, float] = {}
+        self.term_counts: dict[str, int] = {}
+
+    def term_means(self) -> dict[str, float]:
+        return {key: self.term_sums[key] / self.term_counts[key] for key in sorted(self.term_sums)}
+
+    def _accumulate_terms(self, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            if value.numel() == 1:
+                self.term_sums[key] = self.term_sums.get(key, 0.0) + float(value.detach())
+                self.term_counts[key] = self.term_counts.get(key, 0) + 1
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["conceptkit_term_sums"] = dict(self.term_sums)
+        checkpoint["conceptkit_term_counts"] = dict(self.term_counts)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.term_sums = dict(checkpoint.get("conceptkit_term_sums", {}))
+        self.term_counts = dict(checkpoint.get("conceptkit_term_counts", {}))
 
     def setup(self, stage: str) -> None:
         self.backbone.to(self.device)
@@ -75,6 +98,7 @@ class ConceptTrainingModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at stage {self.stage.name} step "
                                      f"{self.trainer.global_step}; lower the learning rate or use precision=32")
+        self._accumulate_terms(losses)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=len(indices))
         for key, value in losses.items():
             if key != "loss":

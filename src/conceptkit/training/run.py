@@ -213,7 +213,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         loss = trainer.callback_metrics.get("loss")
         record = {"name": stage.name, "steps": stage.steps, "lr": stage.lr, "accumulate": stage.accumulate,
                   "seconds": round(time.time() - stage_start, 2),
-                  "final_loss": None if loss is None else round(float(loss), 6)}
+                  "final_loss": None if loss is None else round(float(loss), 6),
+                  "mean_terms": {key: round(value, 6) for key, value in module.term_means().items()}}
         if main:
             _snapshot(method, done)
             done.with_suffix(".json").write_text(json.dumps(record))
