@@ -38,10 +38,14 @@ def test_subject_references_and_metrics_on_ground_truth(tmp_path):
     scores = score_subject(images, wanted, ("star", "blue", "dotted"), train)
     assert (scores["shape_fidelity"], scores["colour_fidelity"], scores["pattern_fidelity"]) == (1.0, 0.0, 0.0)
     assert scores["concept_fidelity"] == 0.0
+    # diversity follows the object that carries part of the concept (here its shape) ...
+    assert scores["diversity"] > 0
     # a training image shown for a test prompt is leakage, and a wrong object is no fidelity
     leaked = [np.asarray(Image.open(files[0]))] * 2
     scores = score_subject(leaked, ["sand", "teal"], ("circle", "blue", "dotted"), train)
     assert scores["leakage"] == 1.0 and scores["concept_fidelity"] == 0.0 and scores["prompt_fidelity"] == 0.0
+    # ... and is undefined (None, "-" in the report), not 0, when no sample shows any of its factors
+    assert scores["diversity"] is None
 
 
 def test_multi_and_motion_metrics_on_ground_truth(tmp_path):

@@ -10,7 +10,9 @@ shapes_subject  one held-out object (a shape x colour x pattern the base model n
                                     concept a method, or the base model, gets across)
                   prompt_fidelity   share showing the requested background colour
                   leakage           share showing one of the TRAINING backgrounds instead
-                  diversity         spread (std, image units) of the concept's position over samples
+                  diversity         spread (std, image units) of the concept's position over samples:
+                                    per sample the object matching most of the concept's factors
+                                    (at least one); null ("-") when under 2 samples have one
                   drift             base-model accuracy on concept-free prompts minus the same with
                                     the concept attached (positive = damage)
 shapes_multi    one image with two held-out objects and a sentence naming both (MCPL's setting);
@@ -114,11 +116,16 @@ def score_subject(images: list[np.ndarray], requested: list[str], combo, train_b
         present.append(bool(hits))
         for factor, value in zip(factors, combo):
             factors[factor].append(any(getattr(o, factor) == value for o in reading.objects))
-        if hits:
-            centres.append(hits[0].centre)
+        # The concept's object: the one with most of its factors (a method that carries only the
+        # colour still places an object; whole-concept hits alone would leave diversity undefined
+        # whenever a toy cannot draw the whole concept).
+        carriers = [(sum(getattr(o, f) == v for f, v in zip(factors, combo)), o) for o in reading.objects]
+        carriers = [(n, o) for n, o in carriers if n > 0]
+        if carriers:
+            centres.append(max(carriers, key=lambda pair: pair[0])[1].centre)
         prompt_ok.append(reading.background_colour == want)
         leaked.append(reading.background_colour in train_backgrounds and reading.background_colour != want)
-    spread = float(np.sqrt(np.var(np.array(centres), axis=0).sum())) if len(centres) > 1 else 0.0
+    spread = float(np.sqrt(np.var(np.array(centres), axis=0).sum())) if len(centres) > 1 else None
     return {"concept_fidelity": float(np.mean(present)),
             **{f"{factor}_fidelity": float(np.mean(hit)) for factor, hit in factors.items()},
             "prompt_fidelity": float(np.mean(prompt_ok)), "leakage": float(np.mean(leaked)), "diversity": spread}
@@ -220,7 +227,7 @@ def run_subject_suite(cfg) -> Path:
         grid_name = f"{method_name}_{case.name}.png"
         save_png(grid(media, columns=cfg.samples_per_prompt), output / grid_name)
         records.append({"method": method_name, "backbone": backbone_name, "concept": case.name,
-                        **{k: round(v, 4) for k, v in metrics.items()},
+                        **{k: (None if v is None else round(v, 4)) for k, v in metrics.items()},
                         "train_seconds": round(seconds, 1), "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
                         "prompts": [p for p, _ in prompts]})
     write_suite_results(output, "shapes_subject", cfg, records,
@@ -243,6 +250,16 @@ SUBJECT_METRICS = ("concept_fidelity", "shape_fidelity", "colour_fidelity", "pat
                    "leakage", "diversity", "drift")
 
 
+def _mean_or_none(values: list) -> float | None:
+    """Mean over the defined values (a metric may be undefined for a record: diversity without 2 samples)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def write_suite_results(output: Path, suite: str, cfg, records: list[dict], notes: dict) -> None:
     results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "settings": {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
@@ -256,13 +273,13 @@ def write_suite_results(output: Path, suite: str, cfg, records: list[dict], note
         rows = [r for r in records if r["method"] == method]
         if not rows:
             continue
-        means = [np.mean([r[m] for r in rows]) for m in SUBJECT_METRICS]
-        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in means) +
+        means = [_mean_or_none([r[m] for r in rows]) for m in SUBJECT_METRICS]
+        lines.append(f"| {method} | " + " | ".join(_cell(v) for v in means) +
                      f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
     lines += ["", "## Per concept", ""]
     for r in records:
         lines.append(f"### {r['method']} / {r['concept']}")
-        lines.append(", ".join(f"{m} {r[m]:.3f}" for m in SUBJECT_METRICS))
+        lines.append(", ".join(f"{m} {_cell(r[m])}" for m in SUBJECT_METRICS))
         lines.append(f"![{r['method']} {r['concept']}]({r['grid']})  ")
         lines.append("rows: " + " | ".join(r["prompts"]))
         lines.append("")
