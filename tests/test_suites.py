@@ -185,6 +185,10 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
     prompts = {(r["variant"], r["word"]): r["prompts"] for r in results["records"]}
     assert prompts[("mcpl", "red_striped_star")][0] == "a picture of a large <pair0/red_striped_star>"
     assert prompts[("textual_inversion", "blue_dotted_circle")][0] == "a picture of a large <pair0>"
+    # each MCPL word starts from its object's class noun (what ties the word to its object)
+    inits = {r["variant"]: r["init_words"] for r in results["records"]}
+    assert inits["mcpl"] == {"red_striped_star": "star", "blue_dotted_circle": "circle"} == inits["mcpl_no_reg"]
+    assert inits["textual_inversion"] is None
     assert results["settings"]["variants"]["mcpl_no_reg"] == ["mcpl", "method.mask=skip", "method.contrastive_weight=0"]
     assert "| mcpl_no_reg | mcpl | method.mask=skip method.contrastive_weight=0 |" in (tmp_path / "report.md").read_text()
     assert not (tmp_path / "work").exists()

@@ -428,10 +428,16 @@ def run_multi_suite(cfg) -> Path:
                      "trainer.progress_bar=false", f"seed={cfg.seed}", "overwrite=true", *cfg.train_overrides]
         if cfg.train_steps is not None:
             overrides.append(f"trainer.max_steps={cfg.train_steps}")
+        init_words = None
         if "sentence" in compose("train", [f"method={method_name}"]).method:
-            # Methods that learn words from a sentence (MCPL) get the scene's; its words are concept
-            # names the tokenizer splits, so they start from "object" (Textual Inversion's default init).
-            words = ",".join(f"{w}:object" for w in case.words)
+            # Methods that learn words from a sentence (MCPL) get the scene's. Each word starts from its
+            # object's class noun (its shape word), as the paper's users write "a {ball} and a {cactus}":
+            # the noun is what ties a word to one of the objects. With one init for both ("object", the
+            # suite before session 8) the sentence is symmetric in the two words and which word takes
+            # which object is left to chance (measured on release 4: each word rendered the OTHER object).
+            # The held-out combination as a whole is still not nameable by the base model.
+            init_words = {w: combo[0] for w, combo in zip(case.words, case.combos)}
+            words = ",".join(f"{w}:{init}" for w, init in init_words.items())
             overrides += [f"method.sentence='{case.sentence}'", f"method.init_words={{{words}}}"]
         started = time.time()
         folder = train(compose("train", overrides + list(extra)))
@@ -452,7 +458,7 @@ def run_multi_suite(cfg) -> Path:
                             **{m: round(v, 4) for m, v in metrics.items()}, "train_seconds": round(seconds, 1),
                             "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
                             "prompts": list(dict.fromkeys(texts)), "sentence": case.sentence,
-                            "training_terms": terms})
+                            "training_terms": terms, "init_words": init_words})
         method.detach(backbone)
     _write_multi_results(output, cfg, variants, records)
     if not cfg.keep_work:
