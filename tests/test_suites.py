@@ -190,7 +190,13 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
     assert inits["mcpl"] == {"red_striped_star": "star", "blue_dotted_circle": "circle"} == inits["mcpl_no_reg"]
     assert inits["textual_inversion"] is None
     assert results["settings"]["variants"]["mcpl_no_reg"] == ["mcpl", "method.mask=skip", "method.contrastive_weight=0"]
-    assert "| mcpl_no_reg | mcpl | method.mask=skip method.contrastive_weight=0 |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| mcpl_no_reg | mcpl | method.mask=skip method.contrastive_weight=0 |" in report
+    # the mean mask area: MCPL with masking has one, the unmasked variant and Textual Inversion "-"
+    assert "train mask area |" in report
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    assert rows["mcpl"].rstrip(" |").split(" | ")[-1] != "-"
+    assert rows["mcpl_no_reg"].endswith(" - |") and rows["textual_inversion"].endswith(" - |")
     assert not (tmp_path / "work").exists()
     with pytest.raises(UserError, match="1 to 4 pairs of held-out objects, got 5"):
         run_suite(compose("bench", ["suite=shapes_multi", "methods=[mcpl]", "concepts=5", "suite_backbone=sd15_tiny",

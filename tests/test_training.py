@@ -29,9 +29,9 @@ def _cfg(tmp_path, name, *extra):
 
 
 def test_resume_continues_exactly(tmp_path):
-    from conceptkit.training.run import train
-
     import json
+
+    from conceptkit.training.run import train
 
     reference = load_file(str(train(_cfg(tmp_path, "ref.concept")) / "weights.safetensors"))
     reference_stages = json.loads((tmp_path / "ref.concept" / "concept.json").read_text())["training"]["stages"]

@@ -477,6 +477,12 @@ def _write_multi_results(output: Path, cfg, variants, records: list[dict]) -> No
                           detail=lambda r: f"sentence: {r['sentence']}", image_label=lambda r: f"{r['variant']} {r['word']}")
 
 
+def _mask_area(record: dict) -> float | None:
+    """The fraction of the latent an attention-masked method (MCPL) kept in its loss, averaged over
+    training: near 1 means the mask did not mask (diffuse cross-attention)."""
+    return record.get("training_terms", {}).get("mask_area")
+
+
 def write_variant_results(output: Path, cfg, suite: str, variants, records: list[dict], metrics: tuple[str, ...],
                           what: str, unit: str, heading, detail, image_label) -> None:
     """results.json and report.md of a suite whose rows are variants (label, method, overrides):
@@ -487,20 +493,22 @@ def write_variant_results(output: Path, cfg, suite: str, variants, records: list
     results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "settings": settings, "records": records}
     (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
+    masked = any(_mask_area(r) is not None for r in records)  # the column only when a variant masked
     lines = [f"# conceptkit bench: {suite}", "",
              f"backbone {cfg.suite_backbone}, seed {cfg.seed}, {cfg.train_steps or 'default'} steps per stage; {what}", "",
-             "| variant | method | overrides | " + " | ".join(metrics) + f" | {unit} | train s | train mask area |",
-             "|---" * (len(metrics) + 6) + "|"]
+             "| variant | method | overrides | " + " | ".join(metrics) + f" | {unit} | train s |" +
+             (" train mask area |" if masked else ""),
+             "|---" * (len(metrics) + 5 + masked) + "|"]
     for label, method, extra in variants:
         rows = [r for r in records if r["variant"] == label]
         if rows:
             means = [np.mean([r[m] for r in rows]) for m in metrics]
-            # The fraction of the latent an attention-masked method (MCPL) kept in its loss, averaged
-            # over training: near 1 means the mask did not mask (diffuse cross-attention).
-            areas = [r.get("training_terms", {}).get("mask_area") for r in rows]
-            area = f"{np.mean(areas):.3f}" if all(a is not None for a in areas) else "-"
-            lines.append(f"| {label} | {method} | {' '.join(extra) or '-'} | " + " | ".join(f"{v:.3f}" for v in means) +
-                         f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} | {area} |")
+            line = (f"| {label} | {method} | {' '.join(extra) or '-'} | " + " | ".join(f"{v:.3f}" for v in means) +
+                    f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
+            if masked:
+                areas = [_mask_area(r) for r in rows]
+                line += f" {np.mean(areas):.3f} |" if all(a is not None for a in areas) else " - |"
+            lines.append(line)
     lines += ["", "## Per record", ""]
     for r in records:
         lines.append(f"### {heading(r)}")

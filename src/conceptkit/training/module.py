@@ -57,20 +57,21 @@ class ConceptTrainingModule(L.LightningModule):
         # record in concept.json: a final step's value is one noisy draw, the stage mean says what the
         # term did (e.g. how much of the latent MCPL's attention mask kept). Kept in checkpoints so a
         # resumed stage reports the same means as an uninterrupted one.
-        self.term_sums: dict[str, float] = {}
+        # The sums stay tensors on the training device: no host sync per step, only when read.
+        self.term_sums: dict[str, torch.Tensor | float] = {}
         self.term_counts: dict[str, int] = {}
 
     def term_means(self) -> dict[str, float]:
-        return {key: self.term_sums[key] / self.term_counts[key] for key in sorted(self.term_sums)}
+        return {key: float(self.term_sums[key]) / self.term_counts[key] for key in sorted(self.term_sums)}
 
     def _accumulate_terms(self, losses: dict[str, torch.Tensor]) -> None:
         for key, value in losses.items():
             if value.numel() == 1:
-                self.term_sums[key] = self.term_sums.get(key, 0.0) + float(value.detach())
+                self.term_sums[key] = self.term_sums.get(key, 0.0) + value.detach().float().reshape(())
                 self.term_counts[key] = self.term_counts.get(key, 0) + 1
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["conceptkit_term_sums"] = dict(self.term_sums)
+        checkpoint["conceptkit_term_sums"] = {key: float(value) for key, value in self.term_sums.items()}
         checkpoint["conceptkit_term_counts"] = dict(self.term_counts)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
