@@ -54,10 +54,18 @@ def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
 
     from conceptkit.bench.suites import score_motion, score_multi, write_motion_references, write_multi_reference
 
-    image_path, sentence = write_multi_reference([("star", "red", "striped"), ("circle", "blue", "dotted")],
-                                                 tmp_path / "multi", seed=0)
+    image_path, sentence, masks = write_multi_reference([("star", "red", "striped"), ("circle", "blue", "dotted")],
+                                                        tmp_path / "multi", seed=0)
     assert "{red_striped_star}" in sentence and "{blue_dotted_circle}" in sentence
     pair = np.asarray(Image.open(image_path))
+    # each object's visible pixels, in sentence order: disjoint, and the oracle reads that object there
+    from conceptkit.world.oracle import read_image
+
+    assert masks.shape == (2, 64, 64) and masks.any((1, 2)).all() and not (masks[0] & masks[1]).any()
+    order = sorted(["red_striped_star", "blue_dotted_circle"], key=sentence.index)
+    for mask, word in zip(masks, order):
+        alone = np.where(mask[..., None], pair, pair[~masks.any(0)][0])  # the object on a flat background
+        assert ["_".join((o.colour, o.pattern, o.shape)) for o in read_image(alone).objects] == [word]
     # the two-object image itself: each word present, but not separated
     assert score_multi([pair], ("star", "red", "striped"), ("circle", "blue", "dotted")) == {
         "word_fidelity": 1.0, "separation": 0.0, "shape_fidelity": 1.0, "colour_fidelity": 1.0,
@@ -158,6 +166,9 @@ def test_shapes_motion_needs_a_video_backbone(tmp_path):
     with pytest.raises(UserError, match="concepts: shapes_motion has 1 to 8"):
         run_suite(compose("bench", ["suite=shapes_motion", "methods=[bico]", "suite_backbone=wan21_tiny",
                                     "concepts=9", f"output={tmp_path / 'out'}"]))
+    with pytest.raises(UserError, match="shapes_motion: nothing to run"):
+        run_suite(compose("bench", ["suite=shapes_motion", "methods=[]", "suite_backbone=wan21_tiny",
+                                    f"output={tmp_path / 'out'}"]))
     assert not (tmp_path / "out").exists()
 
 
@@ -178,7 +189,11 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
     words = [w for _, w in rows[:2]]  # in sentence order
     assert sorted(words) == ["blue_dotted_circle", "red_striped_star"]
     assert results["records"][0]["sentence"].index(words[0]) < results["records"][0]["sentence"].index(words[1])
-    assert rows == [(v, w) for v in ("mcpl", "textual_inversion", "mcpl_no_reg") for w in words]
+    assert rows == [(v, w) for v in ("mcpl", "textual_inversion", "mcpl_no_reg", "named_words") for w in words]
+    # the untrained ceiling row: the base model told each object's own words
+    named = {r["word"]: r for r in results["records"] if r["variant"] == "named_words"}
+    assert named["blue_dotted_circle"]["prompts"][0] == "a picture of a large blue dotted circle"
+    assert named["red_striped_star"]["method"] == "none" and named["red_striped_star"]["train_seconds"] == 0.0
     for record in results["records"]:
         assert isinstance(record["word_fidelity"], float) and isinstance(record["separation"], float)
         assert (tmp_path / record["grid"]).is_file()
@@ -186,6 +201,10 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
     assert prompts[("mcpl", "red_striped_star")][0] == "a picture of a large <pair0/red_striped_star>"
     assert prompts[("textual_inversion", "blue_dotted_circle")][0] == "a picture of a large <pair0>"
     # each MCPL word starts from its object's class noun (what ties the word to its object)
+    # the base model's attention of each word's init noun on its own object: once per word, every variant
+    shares = {(r["variant"], r["word"]): r["base_own_attention"] for r in results["records"]}
+    assert all(0.0 <= v <= 1.0 for v in shares.values())
+    assert len({shares[(v, words[0])] for v in ("mcpl", "textual_inversion", "mcpl_no_reg", "named_words")}) == 1
     inits = {r["variant"]: r["init_words"] for r in results["records"]}
     assert inits["mcpl"] == {"red_striped_star": "star", "blue_dotted_circle": "circle"} == inits["mcpl_no_reg"]
     assert inits["textual_inversion"] is None
@@ -194,10 +213,15 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
     assert "| mcpl_no_reg | mcpl | method.mask=skip method.contrastive_weight=0 |" in report
     # the mean mask area: MCPL with masking has one, the unmasked variant and Textual Inversion "-"
     assert "train mask area |" in report
+    assert f"looks at its own object: {shares[('mcpl', words[0])]:.2f}" in report
     rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
     assert rows["mcpl"].rstrip(" |").split(" | ")[-1] != "-"
     assert rows["mcpl_no_reg"].endswith(" - |") and rows["textual_inversion"].endswith(" - |")
+    assert rows["named_words"].startswith("| named_words | none | - |")
     assert not (tmp_path / "work").exists()
+    with pytest.raises(UserError, match="variants.named_words: that label is the suite's own untrained row"):
+        run_suite(compose("bench", ["suite=shapes_multi", "methods=[mcpl]", "suite_backbone=sd15_tiny",
+                                    f"output={tmp_path}", "variants={named_words:[mcpl]}"]))
     with pytest.raises(UserError, match="1 to 4 pairs of held-out objects, got 5"):
         run_suite(compose("bench", ["suite=shapes_multi", "methods=[mcpl]", "concepts=5", "suite_backbone=sd15_tiny",
                                     f"output={tmp_path}"]))
@@ -224,3 +248,63 @@ def test_base_quality_runs_and_scores_ground_truth(tmp_path, backbone):
         pixels = render_clip(scene, 9) if frames else render_scene(scene)[None]
         media = torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 255
         assert all(score_sample(media, scene).values()), caption
+
+
+def test_own_object_shares_on_hand_built_attention():
+    """Word 0 looks only at the left half, word 1 three quarters right: with object 0 filling the left
+    half and object 1 the right, the shares are 1 and 0.75 (maps laid out on the latent grid)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from conceptkit.attention import AttentionSite
+    from conceptkit.backbones.base import LatentDistribution, NoisyBatch
+    from conceptkit.bench.word_attention import own_object_shares
+
+    site = AttentionSite("mid.attn2", "cross", 0, 8, 8, 2, "spatial")
+    vocabulary = {"a": 5, "ball": 7, "and": 6, "box": 9}
+    left = torch.zeros(4, 4)
+    left[:, :2] = 1
+
+    class Hooks:
+        def __init__(self):
+            self.hook = None
+
+        def add(self, owner, hook, selector=None):
+            self.hook = hook if selector(site) else None
+
+        def remove(self, owner):
+            self.hook = None
+
+    class Stub:
+        hooks = Hooks()
+
+        def tokenizer(self, word, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[vocabulary[word]])
+
+        def encode_media(self, pixels):
+            return LatentDistribution(torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8))
+
+        def encode_text(self, texts):
+            ids = torch.tensor([[vocabulary[w] for w in texts[0].split()]])
+            return torch.zeros(1, ids.shape[1], 8), SimpleNamespace(input_ids=ids)
+
+        def make_noisy(self, latents, generator, timesteps):
+            return NoisyBatch(latents, timesteps, latents)
+
+        def denoise(self, noisy, timesteps, context):
+            probs = torch.zeros(1, 2, 16, context.shape[1])  # (B, heads, 4x4 queries, tokens)
+            probs[0, :, :, 1] = (left / left.sum()).flatten()  # "ball"
+            probs[0, :, :, 4] = (0.25 * left / left.sum() + 0.75 * (1 - left) / (1 - left).sum()).flatten()  # "box"
+            if self.hooks.hook is not None:
+                self.hooks.hook.probabilities(site, probs)
+            return noisy
+
+    masks = np.zeros((2, 32, 32), bool)
+    masks[0, :, :16], masks[1, :, 16:] = True, True
+    shares = own_object_shares(Stub(), np.zeros((32, 32, 3), np.uint8), masks, "a ball and a box",
+                               ["ball", "box"], ["mid.attn2"])
+    assert shares == pytest.approx([1.0, 0.75])
+    with pytest.raises(ValueError, match="not one token"):
+        own_object_shares(Stub(), np.zeros((32, 32, 3), np.uint8), masks, "a ball and a ball", ["ball", "box"],
+                          ["mid.attn2"])

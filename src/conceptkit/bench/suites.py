@@ -290,12 +290,13 @@ def write_suite_results(output: Path, suite: str, cfg, records: list[dict], note
 # --- shapes_multi, and the references of shapes_motion (its runner: motion.py) ---------------------
 
 
-def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64) -> tuple[Path, str]:
-    """One image with two held-out objects, and the sentence that marks both: MCPL's input."""
+def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64) -> tuple[Path, str, np.ndarray]:
+    """One image with two held-out objects, and the sentence that marks both: MCPL's input; also
+    each object's visible pixels, (2, H, W) in sentence order."""
     from PIL import Image
 
     from conceptkit.world.factors import HELDOUT_COMBOS, sample_scene
-    from conceptkit.world.render import render_scene
+    from conceptkit.world.render import object_masks, render_scene
 
     if any(tuple(c) not in HELDOUT_COMBOS for c in combos) or len(combos) != 2:
         raise UserError("shapes_multi takes two held-out combinations")
@@ -310,7 +311,7 @@ def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64)
     Image.fromarray(render_scene(scene, resolution)).save(folder / "pair.png")
     names = [concept_name(o.combo) for o in scene.objects]
     sentence = f"a photo of a {{{names[0]}}} and a {{{names[1]}}} on a {scene.background.colour} background"
-    return folder / "pair.png", sentence
+    return folder / "pair.png", sentence, object_masks(scene, resolution)
 
 
 def score_multi(images_alone: list[np.ndarray], word_combo, other_combo) -> dict[str, float]:
@@ -346,6 +347,7 @@ class MultiCase:
     image: Path
     sentence: str
     background: str
+    masks: np.ndarray  # (2, H, W) bool: each object's visible pixels, in sentence order
 
 
 def multi_cases(count: int, folder: Path, seed: int, resolution: int) -> list[MultiCase]:
@@ -356,12 +358,12 @@ def multi_cases(count: int, folder: Path, seed: int, resolution: int) -> list[Mu
     cases = []
     for i in range(count):
         pair = HELDOUT_COMBOS[2 * i:2 * i + 2]
-        image, sentence = write_multi_reference(pair, folder / f"pair{i}", seed + i, resolution)
+        image, sentence, masks = write_multi_reference(pair, folder / f"pair{i}", seed + i, resolution)
         words = tuple(sorted((concept_name(c) for c in pair), key=sentence.index))  # sentence order
         by_word = {concept_name(c): tuple(c) for c in pair}
         background = sentence.rsplit(" on a ", 1)[1].split()[0]
         cases.append(MultiCase(name=f"pair{i}", combos=tuple(by_word[w] for w in words), words=words, image=image,
-                               sentence=sentence, background=background))
+                               sentence=sentence, background=background, masks=masks))
     return cases
 
 
@@ -372,13 +374,16 @@ def check_multi_count(count: int) -> None:
         raise UserError(f"concepts: shapes_multi has 1 to {len(HELDOUT_COMBOS) // 2} pairs of held-out objects, got {count}")
 
 
-def multi_variants(cfg) -> list[tuple[str, str, list[str]]]:
+def multi_variants(cfg, allow_empty: bool = False) -> list[tuple[str, str, list[str]]]:
     """(label, method, train overrides): each of `methods` with its defaults, then `variants`
-    (label -> [method, overrides...]), e.g. MCPL without regularisers or with masking only."""
+    (label -> [method, overrides...]), e.g. MCPL without regularisers or with masking only.
+    allow_empty: shapes_multi with methods=[] still renders its untrained ceiling row."""
     from conceptkit.registry import method_names
 
     rows = [(m, m, []) for m in cfg.methods]
     for label, spec in (cfg.variants or {}).items():
+        if label == NAMED_ROW[0]:
+            raise UserError(f"variants.{label}: that label is the suite's own untrained row; choose another")
         spec = list(spec)
         if not spec:
             raise UserError(f"variants.{label}: give [method, override, ...]")
@@ -386,8 +391,8 @@ def multi_variants(cfg) -> list[tuple[str, str, list[str]]]:
     for label, method, _ in rows:
         if method not in method_names():
             raise UserError(f"{label}: unknown method {method!r}; choose from {', '.join(method_names())}")
-    if not rows:
-        raise UserError("shapes_multi: nothing to run; pass methods=[mcpl] and/or variants")
+    if not rows and not allow_empty:
+        raise UserError(f"{cfg.suite}: nothing to run; pass methods=[...] and/or variants")
     return rows
 
 
@@ -396,6 +401,24 @@ def word_prompt(method, name: str, word: str) -> str:
     {name/word}; a method with one token for the image (Textual Inversion) gets that token for each."""
     text = method.prompt("{%s/%s}" % (name, word))
     return text if "{" not in text else method.prompt("{%s}" % name)
+
+
+def base_word_shares(backbone, case: MultiCase, seed: int) -> list[float]:
+    """Before any training: the share of each object's shape word's cross-attention (the init word
+    MCPL starts from) that lies on its own object in the reference, at MCPL's default mask sites.
+    MCPL binds a word to an object only through these maps (bench/word_attention.py)."""
+    from PIL import Image
+
+    from conceptkit.bench.word_attention import own_object_shares
+    from conceptkit.methods.mcpl import default_mask_sites
+
+    nouns = [combo[0] for combo in case.combos]
+    sentence = case.sentence
+    for word, noun in zip(case.words, nouns):
+        sentence = sentence.replace("{%s}" % word, noun)
+    sites = default_mask_sites([s for s in backbone.attention_sites() if s.kind == "cross"])
+    image = np.asarray(Image.open(case.image).convert("RGB"))
+    return own_object_shares(backbone, image, case.masks, sentence, nouns, sites, seed=seed)
 
 
 def training_terms(concept_folder: Path) -> dict[str, float]:
@@ -411,14 +434,13 @@ def training_terms(concept_folder: Path) -> dict[str, float]:
 def run_multi_suite(cfg) -> Path:
     from conceptkit.artifact import load_concept
     from conceptkit.config import compose
-    from conceptkit.media import grid, save_png
     from conceptkit.training.run import train
 
-    variants = multi_variants(cfg)
+    variants = multi_variants(cfg, allow_empty=True)
     check_multi_count(cfg.concepts)  # before the backbone loads
-    output, work, backbone, sample = _suite_setup(cfg)
-    backbone_name = cfg.suite_backbone
+    output, work, backbone, _ = _suite_setup(cfg)
     cases = multi_cases(cfg.concepts, work / "references", cfg.seed, backbone.resolution)
+    shares = {case.name: base_word_shares(backbone, case, cfg.seed) for case in cases}
     records = []
     total = len(cases) * len(variants)
     for number, (case, (label, method_name, extra)) in enumerate(((c, v) for c in cases for v in variants), 1):
@@ -445,25 +467,56 @@ def run_multi_suite(cfg) -> Path:
         method, _ = load_concept(folder, backbone)
         terms = training_terms(folder)
         for k, word in enumerate(case.words):
-            token = word_prompt(method, case.name, word)
-            texts = [MULTI_PROMPTS[0].format(token), MULTI_PROMPTS[1].format(token, case.background)]
-            texts = [t for t in texts for _ in range(cfg.samples_per_prompt)]
-            media = torch.cat([backbone.generate(texts[i:i + 8], seed=cfg.seed + i, **sample)
-                               for i in range(0, len(texts), 8)])
-            metrics = score_multi(_to_uint8(media), case.combos[k], case.combos[1 - k])
-            grid_name = f"{label}_{case.name}_{word}.png"
-            save_png(grid(media, columns=cfg.samples_per_prompt), output / grid_name)
             records.append({"variant": label, "method": method_name, "overrides": list(extra),
-                            "backbone": backbone_name, "concept": case.name, "word": word,
-                            **{m: round(v, 4) for m, v in metrics.items()}, "train_seconds": round(seconds, 1),
-                            "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
-                            "prompts": list(dict.fromkeys(texts)), "sentence": case.sentence,
+                            **_render_word(backbone, word_prompt(method, case.name, word), case, k, label, cfg, output),
+                            "train_seconds": round(seconds, 1), "process_peak_rss_mb": _process_peak_rss_mb(),
                             "training_terms": terms, "init_words": init_words})
         method.detach(backbone)
-    _write_multi_results(output, cfg, variants, records)
+    # The ceiling on this backbone: no training, each object named by the world's own words ("blue
+    # dotted circle"). A learned word can at best draw its object as well as the base model draws it
+    # when told what it is (held-out combinations: the base model's compositional generalisation).
+    for case in cases:
+        for k, word in enumerate(case.words):
+            records.append({"variant": NAMED_ROW[0], "method": NAMED_ROW[1], "overrides": [],
+                            **_render_word(backbone, named_object(case.combos[k]), case, k, NAMED_ROW[0], cfg, output),
+                            "train_seconds": 0.0, "process_peak_rss_mb": _process_peak_rss_mb(),
+                            "training_terms": {}, "init_words": None})
+    own_share = {(c.name, w): shares[c.name][k] for c in cases for k, w in enumerate(c.words)}
+    for record in records:
+        record["base_own_attention"] = round(own_share[(record["concept"], record["word"])], 4)
+    _write_multi_results(output, cfg, [*variants, (*NAMED_ROW, [])], records)
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+NAMED_ROW = ("named_words", "none")  # (label, method) of the untrained ceiling row
+
+
+def named_object(combo) -> str:
+    """The world's words for a (shape, colour, pattern) object, e.g. "blue dotted circle"."""
+    from conceptkit.world.captions import describe_object
+    from conceptkit.world.factors import ObjectSpec
+
+    return describe_object(ObjectSpec(combo[0], combo[1], combo[2], "large", (0.5, 0.5)))
+
+
+def _render_word(backbone, text: str, case: MultiCase, k: int, label: str, cfg, output: Path) -> dict:
+    """Sample `text` (a learned word's token, or words) alone in the suite's prompts, save the grid and
+    score it against the case's k-th object (and the other one for separation)."""
+    from conceptkit.media import grid, save_png
+
+    texts = [MULTI_PROMPTS[0].format(text), MULTI_PROMPTS[1].format(text, case.background)]
+    texts = [t for t in texts for _ in range(cfg.samples_per_prompt)]
+    media = torch.cat([backbone.generate(texts[i:i + 8], seed=cfg.seed + i, steps=cfg.sample_steps,
+                                         guidance=cfg.guidance) for i in range(0, len(texts), 8)])
+    metrics = score_multi(_to_uint8(media), case.combos[k], case.combos[1 - k])
+    word = case.words[k]
+    grid_name = f"{label}_{case.name}_{word}.png"
+    save_png(grid(media, columns=cfg.samples_per_prompt), output / grid_name)
+    return {"backbone": cfg.suite_backbone, "concept": case.name, "word": word,
+            **{m: round(v, 4) for m, v in metrics.items()}, "grid": grid_name,
+            "prompts": list(dict.fromkeys(texts)), "sentence": case.sentence}
 
 
 MULTI_METRICS = ("word_fidelity", "separation", "shape_fidelity", "colour_fidelity", "pattern_fidelity",
@@ -474,7 +527,13 @@ def _write_multi_results(output: Path, cfg, variants, records: list[dict]) -> No
     write_variant_results(output, cfg, "shapes_multi", variants, records, MULTI_METRICS,
                           "one two-object image per pair, each learned word prompted alone", "words",
                           heading=lambda r: f"{r['variant']} / {r['concept']} / {r['word']}",
-                          detail=lambda r: f"sentence: {r['sentence']}", image_label=lambda r: f"{r['variant']} {r['word']}")
+                          detail=_multi_detail, image_label=lambda r: f"{r['variant']} {r['word']}")
+
+
+def _multi_detail(record: dict) -> str:
+    share = record.get("base_own_attention")
+    own = "" if share is None else f"; the base model's init word looks at its own object: {share:.2f} (0.5 = no preference)"
+    return f"sentence: {record['sentence']}{own}"
 
 
 def _mask_area(record: dict) -> float | None:

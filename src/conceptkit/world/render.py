@@ -111,6 +111,24 @@ def render_scene(scene: Scene, resolution: int = 64) -> np.ndarray:
     return _render_frame(scene, render_background(scene.background, resolution), 0)
 
 
+def object_masks(scene: Scene, resolution: int = 64) -> np.ndarray:
+    """(N, H, W) bool: the pixels where each object of the scene shows in frame 0 (an object drawn
+    later covers an earlier one), found by rendering each object alone over the empty background."""
+    from dataclasses import replace
+
+    background = render_background(scene.background, resolution)
+    empty = _render_frame(replace(scene, objects=[], motions=None), background, 0).astype(np.int16)
+    alone = []
+    for i, obj in enumerate(scene.objects):
+        motions = [scene.motions[i]] if scene.motions is not None else None
+        frame = _render_frame(replace(scene, objects=[obj], motions=motions), background, 0)
+        alone.append(np.abs(frame.astype(np.int16) - empty).sum(-1) > 0)
+    masks = np.stack(alone) if alone else np.zeros((0, resolution, resolution), bool)
+    for i in range(len(masks)):
+        masks[i] &= ~masks[i + 1:].any(0)
+    return masks
+
+
 def render_clip(scene: Scene, frames: int = 9, resolution: int = 64) -> np.ndarray:
     """(F, H, W, 3) uint8 clip; objects follow their Motion (a still scene gives still frames).
 
