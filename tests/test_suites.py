@@ -293,9 +293,9 @@ def test_own_object_shares_on_hand_built_attention():
             return NoisyBatch(latents, timesteps, latents)
 
         def denoise(self, noisy, timesteps, context):
-            probs = torch.zeros(1, 2, 16, context.shape[1])  # (B, heads, 4x4 queries, tokens)
-            probs[0, :, :, 1] = (left / left.sum()).flatten()  # "ball"
-            probs[0, :, :, 4] = (0.25 * left / left.sum() + 0.75 * (1 - left) / (1 - left).sum()).flatten()  # "box"
+            probs = torch.zeros(noisy.shape[0], 2, 16, context.shape[1])  # (B, heads, 4x4 queries, tokens)
+            probs[:, :, :, 1] = (left / left.sum()).flatten()  # "ball"
+            probs[:, :, :, 4] = (0.25 * left / left.sum() + 0.75 * (1 - left) / (1 - left).sum()).flatten()  # "box"
             if self.hooks.hook is not None:
                 self.hooks.hook.probabilities(site, probs)
             return noisy

@@ -43,23 +43,22 @@ def own_object_shares(backbone, image: np.ndarray, masks: np.ndarray, sentence: 
         if len(word_ids) != 1 or not (ids == word_ids[0]).any():
             raise ValueError(f"{word!r} is not one token of {sentence!r}")
         columns.append((ids == word_ids[0]).float())
-    recorder = CrossAttentionMaps(torch.stack(columns, dim=-1)[None])
+    # One denoiser call for every noise level: row t holds the image noised at timesteps[t] (the same
+    # noise for each, so the rows differ only in the level).
+    noisy = [backbone.make_noisy(latents, torch.Generator().manual_seed(seed), torch.tensor([t])) for t in timesteps]
+    batch = len(timesteps)
+    recorder = CrossAttentionMaps(torch.stack(columns, dim=-1)[None].expand(batch, -1, -1))
     names = set(site_names)
     owner = "word_attention_probe"
-    own, other = torch.zeros(len(words)), torch.zeros(len(words))
-    for t in timesteps:
-        generator = torch.Generator().manual_seed(seed)
-        noisy = backbone.make_noisy(latents, generator, torch.tensor([t]))
-        recorder.maps.clear()
-        backbone.hooks.add(owner, recorder, selector=lambda site: site.name in names)
-        try:
-            with torch.no_grad():
-                backbone.denoise(noisy.noisy, noisy.timesteps, context)
-        finally:
-            backbone.hooks.remove(owner)
-        maps = maps_on_latent_grid(recorder.maps, frames, height, width)[0, :, 0].cpu()  # (words, h, w)
-        for k in range(len(words)):
-            mass = (maps[k][None] * on_grid).flatten(1).sum(1)  # per object
-            own[k] += mass[k]
-            other[k] += mass.sum() - mass[k]
+    backbone.hooks.add(owner, recorder, selector=lambda site: site.name in names)
+    try:
+        with torch.no_grad():
+            backbone.denoise(torch.cat([n.noisy for n in noisy]), torch.cat([n.timesteps for n in noisy]),
+                             context.expand(batch, -1, -1))
+    finally:
+        backbone.hooks.remove(owner)
+    maps = maps_on_latent_grid(recorder.maps, frames, height, width)[:, :, 0].cpu()  # (levels, words, h, w)
+    mass = (maps.unsqueeze(2) * on_grid[None, None]).flatten(3).sum(3).sum(0)  # (words, objects), over levels
+    own = mass.diagonal()
+    other = mass.sum(1) - own
     return [float(o / max(o + x, 1e-12)) for o, x in zip(own, other)]
