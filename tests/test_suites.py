@@ -52,7 +52,8 @@ def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
     import imageio.v3 as iio
     from PIL import Image
 
-    from conceptkit.bench.suites import score_motion, score_multi, write_motion_references, write_multi_reference
+    from conceptkit.bench.motion import MotionCase, score_composed
+    from conceptkit.bench.suites import score_multi, write_motion_references, write_multi_reference
 
     image_path, sentence, masks = write_multi_reference([("star", "red", "striped"), ("circle", "blue", "dotted")],
                                                         tmp_path / "multi", seed=0)
@@ -79,18 +80,29 @@ def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
         "word_fidelity": 0.5, "separation": 0.5, "shape_fidelity": 0.5, "colour_fidelity": 1.0,
         "pattern_fidelity": 1.0, "colour_separation": 0.5}
     still, clip_path = write_motion_references(("heart", "green", "checkered"), "left", tmp_path / "motion", seed=0)
+    case = MotionCase("green_checkered_heart_left", ("heart", "green", "checkered"), "left", still, clip_path)
     clip = iio.imread(clip_path, index=None)
-    mover = score_motion([clip], ("heart", "green", "checkered"), "left")
-    assert mover == {"subject_fidelity": 0.0, "motion_fidelity": 0.0}  # the clip shows another object
+    source_background = read_image(clip[0]).background_colour
+    # the motion source itself: another object moving left, on the source's background
+    mover = score_composed([clip], case, [source_background], {source_background})
+    assert mover == {"subject_fidelity": 0.0, "motion_fidelity": 0.0, "shape_fidelity": 0.0, "colour_fidelity": 0.0,
+                     "direction_fidelity": 1.0, "prompt_fidelity": 1.0, "source_leakage": 0.0}
     from conceptkit.world.factors import sample_scene
     from conceptkit.world.render import render_clip
 
     rng = np.random.default_rng(3)
     scene = sample_scene(rng, n_objects=1, split="heldout", clip_frames=9, allowed={
         "shape": ["heart"], "colour": ["green"], "pattern": ["checkered"], "direction": ["left"], "speed": ["fast"],
-        "rotation": ["none"]})
-    assert score_motion([render_clip(scene, 9)], ("heart", "green", "checkered"), "left") == {
-        "subject_fidelity": 1.0, "motion_fidelity": 1.0}
+        "rotation": ["none"], "background_colour": ["teal"]})
+    composed = render_clip(scene, 9)
+    assert score_composed([composed], case, ["teal"], {source_background}) == {
+        "subject_fidelity": 1.0, "motion_fidelity": 1.0, "shape_fidelity": 1.0, "colour_fidelity": 1.0,
+        "direction_fidelity": 1.0, "prompt_fidelity": 1.0, "source_leakage": 0.0}
+    # asked for sand, drawn on the source's background: leakage; the same subject still: no motion
+    still_clip = np.repeat(composed[:1], 9, axis=0)
+    assert score_composed([still_clip], case, ["sand"], {"teal"}) == {
+        "subject_fidelity": 1.0, "motion_fidelity": 0.0, "shape_fidelity": 1.0, "colour_fidelity": 1.0,
+        "direction_fidelity": 0.0, "prompt_fidelity": 0.0, "source_leakage": 1.0}
 
 
 def test_shapes_subject_runs_end_to_end_on_a_tiny_backbone(tmp_path):

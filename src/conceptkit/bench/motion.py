@@ -26,8 +26,8 @@ from conceptkit.errors import UserError
 
 DIRECTIONS = ("left", "right", "up", "down")  # case i moves DIRECTIONS[i % 4]
 SUBJECT_WORD, MOTION_WORD = "object", "moving"
-MOTION_METRICS = ("subject_fidelity", "motion_fidelity", "shape_fidelity", "colour_fidelity", "prompt_fidelity",
-                  "source_leakage")
+MOTION_METRICS = ("subject_fidelity", "motion_fidelity", "shape_fidelity", "colour_fidelity", "direction_fidelity",
+                  "prompt_fidelity", "source_leakage")
 
 
 @dataclass
@@ -76,9 +76,9 @@ def source_overrides(method_name: str, role: str) -> list[str]:
 def score_composed(clips: list[np.ndarray], case: MotionCase, requested: list[str], source_colours: set[str]
                    ) -> dict[str, float]:
     """clips: (F, H, W, 3) uint8 each. subject_fidelity: an object with the subject's shape, colour and
-    pattern; motion_fidelity: that object moving in the clip's direction; shape_/colour_fidelity: any
-    object with the subject's shape / colour (a toy that draws colours before outlines still shows
-    which part got across); prompt_fidelity: the requested background; source_leakage: a background
+    pattern; motion_fidelity: that object moving in the clip's direction; shape_/colour_/direction_fidelity:
+    any object with the subject's shape / colour, any object moving in the clip's direction (a toy that
+    draws colours before outlines, or moves blobs, still shows which part got across); prompt_fidelity: the requested background; source_leakage: a background
     of the sources instead."""
     from conceptkit.world.oracle import read_clip
 
@@ -90,6 +90,7 @@ def score_composed(clips: list[np.ndarray], case: MotionCase, requested: list[st
         hits["motion_fidelity"].append(any(reading.motions[i].direction == case.direction for i in subjects))
         hits["shape_fidelity"].append(any(o.shape == case.subject[0] for o in reading.objects))
         hits["colour_fidelity"].append(any(o.colour == case.subject[1] for o in reading.objects))
+        hits["direction_fidelity"].append(any(m.direction == case.direction for m in reading.motions))
         hits["prompt_fidelity"].append(reading.background_colour == want)
         hits["source_leakage"].append(reading.background_colour in source_colours and reading.background_colour != want)
     return {m: float(np.mean(v)) for m, v in hits.items()}

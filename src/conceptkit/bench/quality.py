@@ -4,8 +4,8 @@ First the VAE alone (`vae_reconstruction`: renders encoded, decoded and read bac
 Prompts are world captions of scenes the base model never saw (fresh seeds), one object each, in two
 splits: `pretrain` (combinations of the training distribution) and `heldout` (the shape x colour x
 pattern triples kept out of pretraining: compositional generalisation). The oracle reads each sample
-back. Images: shape, colour, pattern, background colour. Clips: subject (shape and colour) and
-the motion direction.
+back. Images: shape, colour, pattern, background colour. Clips: subject (shape and colour), the
+subject's motion direction, and `direction_any` (any object moving the asked way).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def score_sample(media: torch.Tensor, scene) -> dict[str, bool]:
     direction = scene.motions[0].direction
     return {"subject": bool(subjects),
             "direction": any(reading.motions[i].direction == direction for i in subjects),
+            # any object moving the asked way: whether motion is learned apart from the subject's identity
+            "direction_any": any(m.direction == direction for m in reading.motions),
             "background": reading.background_colour == scene.background.colour}
 
 

@@ -19,7 +19,8 @@ shapes_multi    one image with two held-out objects and a sentence naming both (
                 per learned word: word_fidelity (that object alone when prompted alone) and
                 separation (the other object absent then)
 shapes_motion   a subject from an image and a motion from a clip (BiCo's setting): subject_fidelity
-                and motion_fidelity (the oracle's direction) in a composed prompt
+                and motion_fidelity (the oracle's direction) in a composed prompt, each factor alone
+                (shape, colour, direction of any object), prompt fidelity and source leakage
 
 Every run is seeded; results.json holds one record per method x concept.
 """
@@ -600,17 +601,3 @@ def write_motion_references(subject_combo, direction: str, folder: Path, seed: i
     clip = render_clip(mover, frames, resolution)
     iio.imwrite(folder / "motion.mp4", clip, fps=8, codec="libx264", macro_block_size=1)
     return folder / "subject.png", folder / "motion.mp4"
-
-
-def score_motion(clips: list[np.ndarray], subject_combo, direction: str) -> dict[str, float]:
-    """Composed samples: the subject present (subject_fidelity) and moving in the learned direction
-    (motion_fidelity, the subject's own track)."""
-    from conceptkit.world.oracle import read_clip
-
-    subject, moving = [], []
-    for frames in clips:
-        reading = read_clip(frames)
-        hits = [i for i, o in enumerate(reading.objects) if (o.shape, o.colour, o.pattern) == tuple(subject_combo)]
-        subject.append(bool(hits))
-        moving.append(any(reading.motions[i].direction == direction for i in hits))
-    return {"subject_fidelity": float(np.mean(subject)), "motion_fidelity": float(np.mean(moving))}
