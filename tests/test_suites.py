@@ -153,8 +153,12 @@ def test_shapes_motion_runs_end_to_end_on_a_tiny_video_backbone(tmp_path):
         run_suite(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["variant"], r["concept"]) for r in results["records"]] == [
-        ("bico", "red_striped_star_left"), ("lora_both", "red_striped_star_left")]
-    bico, lora = results["records"]
+        ("bico", "red_striped_star_left"), ("lora_both", "red_striped_star_left"), ("named_words", "red_striped_star_left")]
+    bico, lora, named = results["records"]
+    # the untrained ceiling: the base model told the subject's and the motion's own words
+    assert named["prompts"] == ["a large red striped star moving left fast on a plain sand background",
+                                "a large red striped star moving left fast on a plain teal background"]
+    assert named["method"] == "none" and named["train_seconds"] == 0.0
     assert bico["prompts"][0] == "a large <subject> <motion> on a plain sand background"
     assert "object" in lora["prompts"][0] and "moving" in lora["prompts"][0]  # DreamBooth's class nouns
     for role, word in (("subject", "object"), ("motion", "moving")):  # BiCo binds neutral descriptions
@@ -164,7 +168,8 @@ def test_shapes_motion_runs_end_to_end_on_a_tiny_video_backbone(tmp_path):
     for record in results["records"]:
         assert all(isinstance(record[m], float) for m in MOTION_METRICS)
         assert (tmp_path / record["grid"]).is_file()
-    assert "| lora_both | lora | - |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| lora_both | lora | - |" in report and "| named_words | none | - |" in report
 
 
 def test_shapes_motion_needs_a_video_backbone(tmp_path):
@@ -178,9 +183,9 @@ def test_shapes_motion_needs_a_video_backbone(tmp_path):
     with pytest.raises(UserError, match="concepts: shapes_motion has 1 to 8"):
         run_suite(compose("bench", ["suite=shapes_motion", "methods=[bico]", "suite_backbone=wan21_tiny",
                                     "concepts=9", f"output={tmp_path / 'out'}"]))
-    with pytest.raises(UserError, match="shapes_motion: nothing to run"):
+    with pytest.raises(UserError, match="variants.named_words: that label is the suite's own untrained row"):
         run_suite(compose("bench", ["suite=shapes_motion", "methods=[]", "suite_backbone=wan21_tiny",
-                                    f"output={tmp_path / 'out'}"]))
+                                    "variants={named_words:[bico]}", f"output={tmp_path / 'out'}"]))
     assert not (tmp_path / "out").exists()
 
 
