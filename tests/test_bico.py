@@ -137,6 +137,29 @@ def test_absorbent_token_in_the_eos_slot_in_training_only(backbone_name):
     assert not torch.equal(seen[0, position], absorbent)
 
 
+@pytest.mark.parametrize("backbone_name", BACKBONES)
+def test_without_the_absorbent_token_training_keeps_the_eos_context(backbone_name):
+    """The paper's "w/o absorbent" ablation (method.absorbent=false): no token is made, and a training
+    row's EOS slot holds exactly what the unbound backbone's context holds there (scales at zero)."""
+    from conceptkit.method import TrainBatch
+
+    backbone, method = attached(backbone_name, "thing", "method.absorbent=false")
+    assert method.absorbent_token is None and "absorbent_token" not in dict(method.named_parameters())
+    data = example_data(backbone, backbone_name)
+    stage = method.stages()[0]
+    method.begin_stage(stage, backbone)
+
+    def batch():  # the same prompts drawn in both runs
+        return TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
+
+    seen = record_first_cross_site(backbone, lambda: method.training_loss(batch(), backbone, stage))[0]
+    method.detach(backbone)
+    plain = record_first_cross_site(backbone, lambda: method.training_loss(batch(), backbone, stage))[0]
+    eos = backbone.hooks.rows.eos_index
+    for row, position in enumerate(eos):
+        assert torch.equal(seen[row, position], plain[row, position])
+
+
 def test_stages_train_global_first_then_all_with_their_own_timesteps():
     from conceptkit.methods.bico.schedule import side_timesteps
 

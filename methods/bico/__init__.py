@@ -197,9 +197,10 @@ class BiCo(ConceptMethod):
         if self.disentangles:
             self._frame_data = frames_as_images(backbone, data)
         self._build(backbone)
-        generator = torch.Generator().manual_seed(self.init_seed)
-        with torch.no_grad():
-            self.absorbent_token.copy_(torch.randn(self.absorbent_token.shape, generator=generator))
+        if self.absorbent_token is not None:  # the paper's "w/o absorbent" ablation has none
+            generator = torch.Generator().manual_seed(self.init_seed)
+            with torch.no_grad():
+                self.absorbent_token.copy_(torch.randn(self.absorbent_token.shape, generator=generator))
 
     @property
     def vlm_decoding(self) -> Decoding:
