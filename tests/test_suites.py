@@ -83,6 +83,19 @@ def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
     case = MotionCase("green_checkered_heart_left", ("heart", "green", "checkered"), "left", still, clip_path)
     clip = iio.imread(clip_path, index=None)
     source_background = read_image(clip[0]).background_colour
+    # every case's sources: the mover shares no factor with the subject; the still and the clip stand on
+    # two different backgrounds, neither a test one (so leakage and prompt fidelity can be told apart)
+    from conceptkit.bench.motion import motion_cases
+    from conceptkit.bench.suites import TEST_BACKGROUNDS
+
+    for source_case in motion_cases(8, tmp_path / "cases", seed=0, frames=9, resolution=64):
+        mover_reading = read_image(iio.imread(source_case.clip, index=0)[..., :3])
+        still_reading = read_image(np.asarray(Image.open(source_case.still).convert("RGB")))
+        assert [(o.shape, o.colour, o.pattern) for o in still_reading.objects] == [source_case.subject]
+        (mover,) = mover_reading.objects
+        assert all(a != b for a, b in zip((mover.shape, mover.colour, mover.pattern), source_case.subject)), source_case
+        backgrounds = {mover_reading.background_colour, still_reading.background_colour}
+        assert len(backgrounds) == 2 and backgrounds.isdisjoint(TEST_BACKGROUNDS), source_case
     # the motion source itself: another object moving left, on the source's background
     mover = score_composed([clip], case, [source_background], {source_background})
     assert mover == {"subject_fidelity": 0.0, "motion_fidelity": 0.0, "shape_fidelity": 0.0, "colour_fidelity": 0.0,

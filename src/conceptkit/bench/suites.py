@@ -582,22 +582,30 @@ def write_variant_results(output: Path, cfg, suite: str, variants, records: list
 def write_motion_references(subject_combo, direction: str, folder: Path, seed: int, frames: int = 9,
                             resolution: int = 64) -> tuple[Path, Path]:
     """A still image of the held-out subject and a clip of a DIFFERENT (pretrain) object moving in
-    `direction`: BiCo's image-subject + video-motion composition."""
+    `direction`: BiCo's image-subject + video-motion composition. The mover shares no shape, colour or
+    pattern with the subject, so what of the subject a composed clip shows came from the still; the two
+    sources stand on two different training backgrounds, never a test one, so a requested background is
+    told apart from a leaked one."""
     import imageio.v3 as iio
     from PIL import Image
 
-    from conceptkit.world.factors import sample_scene
+    from conceptkit.world.factors import COLOURS, PATTERNS, SHAPES, sample_scene
     from conceptkit.world.render import render_clip, render_scene
 
     shape, colour, pattern = subject_combo
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
+    still_background, clip_background = (TRAIN_BACKGROUNDS[i] for i in rng.choice(len(TRAIN_BACKGROUNDS), 2, replace=False))
     subject = sample_scene(rng, n_objects=1, split="heldout", allowed={
-        "shape": [shape], "colour": [colour], "pattern": [pattern], "size": ["large"]}, orientation=TOY_ORIENTATION)
+        "shape": [shape], "colour": [colour], "pattern": [pattern], "size": ["large"],
+        "background_colour": [still_background[0]], "background_pattern": [still_background[1]]},
+        orientation=TOY_ORIENTATION)
     Image.fromarray(render_scene(subject, resolution)).save(folder / "subject.png")
-    mover = sample_scene(rng, n_objects=1, split="pretrain", clip_frames=frames,
-                         allowed={"direction": [direction], "speed": ["fast"], "rotation": ["none"]},
-                         orientation=TOY_ORIENTATION)
+    mover = sample_scene(rng, n_objects=1, split="pretrain", clip_frames=frames, allowed={
+        "shape": [s for s in SHAPES if s != shape], "colour": [c for c in COLOURS if c != colour],
+        "pattern": [p for p in PATTERNS if p != pattern], "direction": [direction], "speed": ["fast"],
+        "rotation": ["none"], "background_colour": [clip_background[0]],
+        "background_pattern": [clip_background[1]]}, orientation=TOY_ORIENTATION)
     clip = render_clip(mover, frames, resolution)
     iio.imwrite(folder / "motion.mp4", clip, fps=8, codec="libx264", macro_block_size=1)
     return folder / "subject.png", folder / "motion.mp4"
