@@ -78,8 +78,8 @@ def score_composed(clips: list[np.ndarray], case: MotionCase, requested: list[st
     """clips: (F, H, W, 3) uint8 each. subject_fidelity: an object with the subject's shape, colour and
     pattern; motion_fidelity: that object moving in the clip's direction; shape_/colour_/direction_fidelity:
     any object with the subject's shape / colour, any object moving in the clip's direction (a toy that
-    draws colours before outlines, or moves blobs, still shows which part got across); prompt_fidelity: the requested background; source_leakage: a background
-    of the sources instead."""
+    draws colours before outlines, or moves blobs, still shows which part got across); prompt_fidelity:
+    the requested background; source_leakage: a background of the sources instead."""
     from conceptkit.world.oracle import read_clip
 
     hits: dict[str, list[bool]] = {m: [] for m in MOTION_METRICS}
@@ -112,7 +112,7 @@ def _source_backgrounds(case: MotionCase) -> set[str]:
 def run_motion_suite(cfg) -> Path:
     from conceptkit.artifact import load_concept
     from conceptkit.bench.suites import (NAMED_ROW, TEST_BACKGROUNDS, _process_peak_rss_mb, _suite_setup,
-                                         multi_variants, suite_backbone_overrides)
+                                         multi_variants, named_object, suite_backbone_overrides)
     from conceptkit.compose import check_distinct_phrases, render_prompt
     from conceptkit.config import compose
     from conceptkit.training.run import train
@@ -150,7 +150,7 @@ def run_motion_suite(cfg) -> Path:
     # words ("a large red striped star moving left fast"). Concepts learned from the sources can at best
     # compose as well as the base model draws the scene when told what it is.
     for case in cases:
-        prompts = [(f"a large {named_subject(case)} moving {case.direction} fast on a plain {b} background", b)
+        prompts = [(f"a large {named_object(case.subject)} moving {case.direction} fast on a plain {b} background", b)
                    for b in TEST_BACKGROUNDS]
         records.append({"variant": NAMED_ROW[0], "method": NAMED_ROW[1], "overrides": [],
                         **_render_composed(backbone, prompts, case, NAMED_ROW[0], cfg, output, sample),
@@ -159,12 +159,6 @@ def run_motion_suite(cfg) -> Path:
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return output
-
-
-def named_subject(case: MotionCase) -> str:
-    from conceptkit.bench.suites import named_object
-
-    return named_object(case.subject)
 
 
 def _render_composed(backbone, prompts: list[tuple[str, str]], case: MotionCase, label: str, cfg, output: Path,
