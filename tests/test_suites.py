@@ -79,6 +79,20 @@ def test_multi_and_motion_metrics_on_ground_truth(tmp_path):
     assert score_multi([circle, pair], ("star", "red", "striped"), ("circle", "blue", "dotted")) == {
         "word_fidelity": 0.5, "separation": 0.5, "shape_fidelity": 0.5, "colour_fidelity": 1.0,
         "pattern_fidelity": 1.0, "colour_separation": 0.5}
+    # objects=seen: each held-out object's nearest pretraining triple (same shape and colour), drawn and read back
+    from conceptkit.bench.suites import multi_cases
+    from conceptkit.errors import UserError
+    from conceptkit.world.factors import HELDOUT_COMBOS
+
+    seen = multi_cases(4, tmp_path / "seen", seed=0, resolution=64, objects="seen")
+    for case, heldout_pair in zip(seen, zip(HELDOUT_COMBOS[::2], HELDOUT_COMBOS[1::2])):
+        assert sorted(c[:2] for c in case.combos) == sorted(c[:2] for c in heldout_pair)
+        assert not set(case.combos) & set(HELDOUT_COMBOS)
+        found = {(o.shape, o.colour, o.pattern) for o in read_image(np.asarray(Image.open(case.image))).objects}
+        assert found == set(case.combos)
+    with pytest.raises(UserError, match="shapes_multi takes two pretraining combinations"):
+        write_multi_reference([("star", "red", "striped"), ("circle", "blue", "checkered")], tmp_path / "bad", 0,
+                              objects="seen")
     still, clip_path = write_motion_references(("heart", "green", "checkered"), "left", tmp_path / "motion", seed=0)
     case = MotionCase("green_checkered_heart_left", ("heart", "green", "checkered"), "left", still, clip_path)
     clip = iio.imread(clip_path, index=None)
@@ -252,6 +266,10 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
     with pytest.raises(UserError, match="variants.named_words: that label is the suite's own untrained row"):
         run_suite(compose("bench", ["suite=shapes_multi", "methods=[mcpl]", "suite_backbone=sd15_tiny",
                                     f"output={tmp_path}", "variants={named_words:[mcpl]}"]))
+    with pytest.raises(UserError, match="objects: shapes_multi takes heldout or seen, got 'unseen'"):
+        run_suite(compose("bench", ["suite=shapes_multi", "methods=[mcpl]", "objects=unseen", "suite_backbone=sd15_tiny",
+                                    f"output={tmp_path / 'objects'}"]))
+    assert not (tmp_path / "objects").exists()
     with pytest.raises(UserError, match="1 to 4 pairs of held-out objects, got 5"):
         run_suite(compose("bench", ["suite=shapes_multi", "methods=[mcpl]", "concepts=5", "suite_backbone=sd15_tiny",
                                     f"output={tmp_path}"]))

@@ -99,6 +99,7 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
     overrides: list
     suite_backbone: str
     suite_backbone_path: str | None
+    objects: str
     concepts: int
     train_steps: Any
     train_overrides: list

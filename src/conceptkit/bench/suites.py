@@ -291,19 +291,26 @@ def write_suite_results(output: Path, suite: str, cfg, records: list[dict], note
 # --- shapes_multi, and the references of shapes_motion (its runner: motion.py) ---------------------
 
 
-def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64) -> tuple[Path, str, np.ndarray]:
-    """One image with two held-out objects, and the sentence that marks both: MCPL's input; also
-    each object's visible pixels, (2, H, W) in sentence order."""
+def write_multi_reference(combos, folder: Path, seed: int, resolution: int = 64,
+                          objects: str = "heldout") -> tuple[Path, str, np.ndarray]:
+    """One image with two objects (held-out triples, or with objects="seen" two that pretraining
+    shows), and the sentence that marks both: MCPL's input; also each object's visible pixels,
+    (2, H, W) in sentence order."""
     from PIL import Image
 
     from conceptkit.world.factors import HELDOUT_COMBOS, sample_scene
     from conceptkit.world.render import object_masks, render_scene
 
-    if any(tuple(c) not in HELDOUT_COMBOS for c in combos) or len(combos) != 2:
-        raise UserError("shapes_multi takes two held-out combinations")
+    heldout = objects == "heldout"
+    if len(combos) != 2 or any((tuple(c) in HELDOUT_COMBOS) != heldout for c in combos):
+        raise UserError(f"shapes_multi takes two {'held-out' if heldout else 'pretraining'} combinations")
+    allowed = {"size": ["large"]}
+    if not heldout:  # the pretraining split has ~180 triples: draw from the pair's own factors only
+        allowed.update({factor: sorted({c[i] for c in combos}) for i, factor in enumerate(("shape", "colour", "pattern"))})
     rng = np.random.default_rng(seed)
     for _ in range(1000):
-        scene = sample_scene(rng, n_objects=2, split="heldout", allowed={"size": ["large"]}, orientation=TOY_ORIENTATION)
+        scene = sample_scene(rng, n_objects=2, split="heldout" if heldout else "pretrain", allowed=allowed,
+                             orientation=TOY_ORIENTATION)
         if sorted(o.combo for o in scene.objects) == sorted(tuple(c) for c in combos):
             break
     else:
@@ -351,15 +358,24 @@ class MultiCase:
     masks: np.ndarray  # (2, H, W) bool: each object's visible pixels, in sentence order
 
 
-def multi_cases(count: int, folder: Path, seed: int, resolution: int) -> list[MultiCase]:
-    """Up to 4 disjoint pairs of held-out objects (combos 0+1, 2+3, ...), one two-object image each."""
-    from conceptkit.world.factors import HELDOUT_COMBOS
+MULTI_OBJECTS = ("heldout", "seen")
+
+
+def multi_cases(count: int, folder: Path, seed: int, resolution: int, objects: str = "heldout") -> list[MultiCase]:
+    """Up to 4 disjoint pairs of held-out objects (combos 0+1, 2+3, ...), one two-object image each;
+    objects="seen": each held-out object's nearest pretraining neighbour instead (same shape and
+    colour, another pattern: `seen_neighbour`), objects the base model was trained to draw when named."""
+    from conceptkit.world.factors import HELDOUT_COMBOS, seen_neighbour
 
     check_multi_count(count)
+    if objects not in MULTI_OBJECTS:
+        raise UserError(f"objects: shapes_multi takes {' or '.join(MULTI_OBJECTS)}, got {objects!r}")
     cases = []
     for i in range(count):
         pair = HELDOUT_COMBOS[2 * i:2 * i + 2]
-        image, sentence, masks = write_multi_reference(pair, folder / f"pair{i}", seed + i, resolution)
+        if objects == "seen":
+            pair = tuple(seen_neighbour(c) for c in pair)
+        image, sentence, masks = write_multi_reference(pair, folder / f"pair{i}", seed + i, resolution, objects)
         words = tuple(sorted((concept_name(c) for c in pair), key=sentence.index))  # sentence order
         by_word = {concept_name(c): tuple(c) for c in pair}
         background = sentence.rsplit(" on a ", 1)[1].split()[0]
@@ -439,8 +455,10 @@ def run_multi_suite(cfg) -> Path:
 
     variants = multi_variants(cfg, allow_empty=True)
     check_multi_count(cfg.concepts)  # before the backbone loads
+    if cfg.objects not in MULTI_OBJECTS:
+        raise UserError(f"objects: shapes_multi takes {' or '.join(MULTI_OBJECTS)}, got {cfg.objects!r}")
     output, work, backbone, _ = _suite_setup(cfg)
-    cases = multi_cases(cfg.concepts, work / "references", cfg.seed, backbone.resolution)
+    cases = multi_cases(cfg.concepts, work / "references", cfg.seed, backbone.resolution, cfg.objects)
     shares = {case.name: base_word_shares(backbone, case, cfg.seed) for case in cases}
     records = []
     total = len(cases) * len(variants)
@@ -525,8 +543,9 @@ MULTI_METRICS = ("word_fidelity", "separation", "shape_fidelity", "colour_fideli
 
 
 def _write_multi_results(output: Path, cfg, variants, records: list[dict]) -> None:
+    objects = "held-out objects" if cfg.objects == "heldout" else "seen objects (pretraining triples: objects=seen)"
     write_variant_results(output, cfg, "shapes_multi", variants, records, MULTI_METRICS,
-                          "one two-object image per pair, each learned word prompted alone", "words",
+                          f"one two-object image per pair of {objects}, each learned word prompted alone", "words",
                           heading=lambda r: f"{r['variant']} / {r['concept']} / {r['word']}",
                           detail=_multi_detail, image_label=lambda r: f"{r['variant']} {r['word']}")
 
@@ -549,6 +568,8 @@ def write_variant_results(output: Path, cfg, suite: str, variants, records: list
     the summary table (means over the records of each variant) and one section per record."""
     settings = {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
                                     "samples_per_prompt", "sample_steps", "guidance", "seed")}
+    if suite == "shapes_multi":
+        settings["objects"] = cfg.objects
     settings["variants"] = {label: [method, *extra] for label, method, extra in variants}
     results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "settings": settings, "records": records}

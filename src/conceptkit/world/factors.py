@@ -59,6 +59,22 @@ HELDOUT_COMBOS: tuple[tuple[str, str, str], ...] = (
     ("heart", "white", "plain"), ("triangle", "black", "striped"),
 )
 
+
+
+def seen_neighbour(combo: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A held-out triple's nearest pretraining object: the same shape and colour, the next pattern
+    (in PATTERNS order) whose triple pretraining shows. The suites' `objects=seen` cases use these, to
+    tell what a method cannot learn from what the base model cannot draw (a held-out triple is a new
+    combination; its neighbour is one the base model was trained to draw when named)."""
+    shape, colour, pattern = combo
+    start = PATTERNS.index(pattern)
+    for step in range(1, len(PATTERNS)):
+        candidate = (shape, colour, PATTERNS[(start + step) % len(PATTERNS)])
+        if candidate not in HELDOUT_COMBOS:
+            return candidate
+    raise ValueError(f"{combo}: every pattern of this shape and colour is held out")
+
+
 BORDER = 2 / 64  # free margin between any object and the image edge (the oracle reads the border)
 GAP = 4 / 64  # free space between two objects, so blur and noise never merge them
 SPLITS = ("pretrain", "heldout", "all")
