@@ -164,3 +164,86 @@ def test_corpus_object_weights_set_the_share_of_one_two_and_three_object_scenes(
     with pytest.raises(UserError, match=r"corpus.object_weights=\[1, 1\]: give three non-negative weights"):
         _pretrain("sd15", tmp_path / "w", "corpus.object_weights=[1,1]")
     assert not (tmp_path / "w").exists() and not (tmp_path / "w.partial").exists()
+
+
+def _two_object_scene():
+    from conceptkit.world.factors import Background, ObjectSpec, Scene
+
+    return Scene([ObjectSpec("star", "red", "striped", "large", (0.3, 0.5)),
+                  ObjectSpec("circle", "blue", "plain", "large", (0.72, 0.5))], Background("sand"))
+
+
+def test_grounded_words_are_those_that_name_exactly_one_object():
+    from transformers import CLIPTokenizer
+
+    from conceptkit.backbones.base import shipped_weights_folder
+    from conceptkit.training.grounding import object_word_positions
+
+    tokenizer = CLIPTokenizer.from_pretrained(shipped_weights_folder("sd15_shapes") / "tokenizer")
+    caption = "a large red striped star left of a large blue circle on a plain sand background"
+    ids = tokenizer(caption, return_tensors="pt").input_ids[0]
+    found = {tokenizer.decode([int(ids[t])]).strip(): k for t, k in object_word_positions(_two_object_scene(), ids, tokenizer)}
+    # "large" names both objects, "plain" is the background's; the rest name one object each.
+    assert found == {"red": 0, "striped": 0, "star": 0, "blue": 1, "circle": 1}
+    empty = tokenizer("", return_tensors="pt").input_ids[0]
+    assert object_word_positions(_two_object_scene(), empty, tokenizer) == []  # a dropped caption grounds nothing
+
+
+def test_token_grounding_loss_is_tokencompose_token_term_on_a_hand_built_map():
+    from conceptkit.training.grounding import token_grounding_loss
+
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, :, :2] = True  # object 0: left half
+    masks[1, :, 2:] = True  # object 1: right half
+    probs = torch.zeros(1, 16, 3)  # a 4x4 grid of queries, 3 context tokens
+    probs.view(1, 4, 4, 3)[0, :, :2, 0] = 1.0  # token 0 looks only at the left half
+    probs[0, :, 1] = 1.0  # token 1 looks everywhere
+    probs.view(1, 4, 4, 3)[0, :3, :2, 2] = 1.0  # token 2: 6 cells, all on the left half
+    assert token_grounding_loss([probs], [[(0, 0)]], [masks]).item() == 0.0
+    assert token_grounding_loss([probs], [[(0, 1)]], [masks]).item() == 1.0
+    assert token_grounding_loss([probs], [[(1, 1)]], [masks]).item() == pytest.approx(0.25)  # (1 - 1/2)^2
+    both = token_grounding_loss([probs, probs], [[(0, 0), (2, 1)]], [masks])
+    assert both.item() == pytest.approx((0.0 + 1.0) / 2)  # token 2 has none of its mass on the right half
+    assert token_grounding_loss([probs], [[]], [masks]) is None
+
+
+def test_token_grounding_trains_the_denoiser_and_text_encoder_on_stills_only(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from conceptkit.config import compose
+    from conceptkit.method import TrainBatch, TrainingData
+    from conceptkit.training.pretrain import BackbonePretraining, build_corpus
+
+    cfg = compose("pretrain", ["backbone=sd15_shapes", "denoiser.grounding_weight=0.5", "denoiser.batch_size=4",
+                               "denoiser.caption_dropout=0"])
+    backbone = instantiate(cfg.backbone).load()
+    corpus = build_corpus(6, 0, 1, backbone.resolution, seed=0, object_weights=[0, 1, 0], progress=lambda _: None)
+    trainable = BackbonePretraining(backbone, corpus, cfg.vae, cfg.denoiser, 0.0, keep_latent_scale=True)
+    stage = trainable.stages()[1]
+    trainable.begin_stage(stage, backbone)
+    data = TrainingData(latents=None, captions=[None] * 6, names=[str(i) for i in range(6)], frames=1)
+    batch = TrainBatch(indices=torch.arange(4), data=data, generator=torch.Generator().manual_seed(0))
+    terms = trainable.training_loss(batch, backbone, stage)
+    assert set(terms) == {"loss", "mse", "grounding"}
+    assert terms["loss"].item() == pytest.approx(terms["mse"].item() + 0.5 * terms["grounding"].item(), rel=1e-6)
+    assert 0.0 < terms["grounding"].item() < 1.0
+    terms["grounding"].backward()
+    key = backbone.denoiser.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight
+    assert key.grad is not None and key.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.text_encoder.parameters())
+    assert backbone.hooks.owners() == []  # the recorder is removed after the call
+    off = BackbonePretraining(backbone, corpus, OmegaConf.merge(cfg.vae), OmegaConf.merge(
+        cfg.denoiser, {"grounding_weight": 0.0}), 0.0, keep_latent_scale=True)
+    off._latents = trainable._latents
+    assert set(off.training_loss(batch, backbone, stage)) == {"loss"}  # weight 0: the releases' recipe
+
+
+def test_bad_grounding_settings_fail_in_one_line_before_any_output(tmp_path):
+    from conceptkit.errors import UserError
+
+    with pytest.raises(UserError, match=r"denoiser.grounding_weight: must be >= 0"):
+        _pretrain("sd15", tmp_path / "g", "denoiser.grounding_weight=-1")
+    with pytest.raises(UserError, match=r"denoiser.grounding_sites: 'blocks.9' names no cross-attention site"):
+        _pretrain("sd15", tmp_path / "g", "denoiser.grounding_sites=[blocks.9]")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "g.partial").exists()

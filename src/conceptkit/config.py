@@ -156,6 +156,8 @@ class DenoiserRecipe:
     batch_size: int
     weight_decay: float
     caption_dropout: float
+    grounding_weight: float = 0.0
+    grounding_sites: list[str] | None = None
 
 
 SECTIONS = {

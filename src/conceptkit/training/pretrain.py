@@ -6,7 +6,9 @@ Two stages through the same LightningModule as concept training:
             (SD: scaling_factor; Wan: per-channel latents_mean / latents_std)
   denoiser  the denoiser and the text encoder learn the world's captions on latents encoded once by
             the frozen VAE; a caption is re-phrased every step (the grammar's rng) and dropped with
-            probability `caption_dropout` so classifier-free guidance works
+            probability `caption_dropout` so classifier-free guidance works; with
+            `grounding_weight` > 0 each object word's cross-attention is also pulled onto its object
+            on stills (TokenCompose's token loss, training/grounding.py)
 The corpus (scenes, renders) is generated once from `seed`; every step's randomness comes from the
 micro-step generator, so the result is reproducible from the command and seed, and resumable.
 """
@@ -30,6 +32,9 @@ from torch import nn
 from conceptkit.backbones.base import LatentDistribution, shipped_weights_folder
 from conceptkit.errors import UserError
 from conceptkit.method import Stage, TrainBatch, TrainingData
+from conceptkit.training.grounding import GradientAttentionMaps, object_word_positions, token_grounding_loss
+
+GROUNDING_OWNER = "pretrain_token_grounding"
 
 
 @dataclass
@@ -92,6 +97,7 @@ class BackbonePretraining(nn.Module):
         self.vae_cfg, self.denoiser_cfg = vae, denoiser
         self.clip_fraction = clip_fraction if corpus.clips is not None else 0.0
         self._latents: dict[str, LatentDistribution] = {}
+        self._masks: dict[int, np.ndarray] = {}  # corpus image -> object masks, for token grounding
 
     def stages(self) -> list[Stage]:
         v, d = self.vae_cfg, self.denoiser_cfg
@@ -164,9 +170,51 @@ class BackbonePretraining(nn.Module):
         captions = ["" if d else c for c, d in zip(captions, drop)]
         latents = self._latents[pool].sample(picks, generator).to(device)
         noisy = backbone.make_noisy(latents, generator)
-        context, _ = backbone.encode_text(captions)
-        prediction = backbone.denoise(noisy.noisy, noisy.timesteps, context)
-        return {"loss": F.mse_loss(prediction.float(), noisy.target.float())}
+        context, tokenized = backbone.encode_text(captions)
+        weight = self.denoiser_cfg.grounding_weight
+        # Token grounding on stills only: a clip's objects move, so one mask per clip would be wrong.
+        grounded = weight > 0 and pool == "images"
+        recorder = GradientAttentionMaps()
+        if grounded:
+            sites = self.denoiser_cfg.grounding_sites
+            backbone.hooks.add(GROUNDING_OWNER, recorder, selector=lambda site: site.kind == "cross" and (
+                sites is None or any(site.name.startswith(prefix) for prefix in sites)))
+        try:
+            prediction = backbone.denoise(noisy.noisy, noisy.timesteps, context)
+        finally:
+            backbone.hooks.remove(GROUNDING_OWNER)
+        mse = F.mse_loss(prediction.float(), noisy.target.float())
+        if not grounded:
+            return {"loss": mse}
+        scenes = [self.corpus.scenes[int(i)] for i in picks]
+        positions = [object_word_positions(scene, ids, backbone.tokenizer)
+                     for scene, ids in zip(scenes, tokenized.input_ids)]
+        grounding = token_grounding_loss(recorder.maps, positions,
+                                         [self._object_masks(int(i), backbone.resolution) for i in picks])
+        if grounding is None:  # every caption of the batch dropped
+            return {"loss": mse, "mse": mse}
+        return {"loss": mse + weight * grounding, "mse": mse, "grounding": grounding}
+
+    def _object_masks(self, index: int, resolution: int) -> np.ndarray:
+        """Each object's pixels in corpus image `index`, rendered once and kept (a few KB a scene)."""
+        from conceptkit.world.render import object_masks
+
+        if index not in self._masks:
+            self._masks[index] = object_masks(self.corpus.scenes[index], resolution)
+        return self._masks[index]
+
+
+def check_grounding(denoiser: DictConfig, backbone) -> None:
+    """The token-grounding settings, before any rendering or training."""
+    if denoiser.grounding_weight < 0:
+        raise UserError(f"denoiser.grounding_weight: must be >= 0 (0 = off), got {denoiser.grounding_weight}")
+    if denoiser.grounding_sites is None:
+        return
+    names = [site.name for site in backbone.attention_sites() if site.kind == "cross"]
+    for prefix in denoiser.grounding_sites:
+        if not any(name.startswith(str(prefix)) for name in names):
+            raise UserError(f"denoiser.grounding_sites: {prefix!r} names no cross-attention site of "
+                            f"{backbone.family}; e.g. {names[0]}")
 
 
 LATENT_STATISTICS = ("scaling_factor", "latents_mean", "latents_std")  # SD's and Wan's keys in the VAE config
@@ -259,6 +307,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
             raise UserError(f"{part}.steps=0 needs init=<folder> to take that part from")
     L.seed_everything(cfg.seed, verbose=False)
     backbone.load()
+    check_grounding(cfg.denoiser, backbone)
     init_recipe = start_from(backbone, Path(cfg.init)) if cfg.init else None
     partial = output.with_name(output.name + ".partial")
     if partial.exists() and not cfg.resume:
