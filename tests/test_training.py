@@ -106,7 +106,7 @@ def test_main_job_trains_the_embedded_default_and_compose_renders_it(tmp_path):
     trains ConceptPrism on the bundled ShapeWorld concept (a large red striped star) on the shipped
     sd15_shapes toy, and the oracle finds the concept in new contexts: the concept's colour, which the
     token's init (vocabulary statistics) does not have, in every preview on the requested new
-    backgrounds, and in the compose renders the whole red star (release 4 draws outlines: its model
+    backgrounds, and in the compose renders the whole red star (releases 4 and 5 draw outlines: its model
     card). Stripes are not checked: the toy's VAE gives patterns back in under half of its renders."""
     import json
 

@@ -1,0 +1,77 @@
+# One-off probe (session 13): can the wan21_shapes transformer learn word -> outline on a simplified world,
+# and does width or depth help? The sd15_shapes counterpart is benchmarks/shapes_arch_probe.
+#   python benchmarks/wan_arch_probe/probe.py <shipped|base|wide|deep> <steps>     (results: README.md here)
+# shipped: the shipped release's transformer, not trained further (steps ignored); base: the shipped config,
+# fresh weights; wide: 8 heads x 32 (width 256), FFN 1024; deep: 8 blocks. Frozen: the shipped VAE and UMT5.
+import sys, time, torch, numpy as np, torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from diffusers import WanTransformer3DModel
+from conceptkit.world.factors import sample_scene, SHAPES
+from conceptkit.world.render import render_scene
+from conceptkit.world.oracle import read_image
+
+variant, steps = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+with initialize_config_module("conceptkit.conf", version_base=None):
+    cfg = compose("train", overrides=["backbone=wan21_shapes"])
+bb = instantiate(cfg.backbone).load()
+allowed = {"size": ["large"], "colour": ["red"], "pattern": ["plain"], "background_colour": ["sand"],
+           "background_pattern": ["plain"]}
+
+
+def make(n, seed):
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, n_objects=1, allowed=allowed, orientation="upright") for _ in range(n)]
+    px = torch.from_numpy(np.stack([render_scene(s, 64) for s in scenes])).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1
+    return bb.encode_media(px).mean, torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])
+
+
+t0 = time.time()
+train_lat, train_y = make(3000, 1)
+test_lat, test_y = make(60, 2)
+with torch.no_grad():
+    ctx = bb.encode_text([f"a large red {s} on a plain sand background" for s in SHAPES])[0]
+print("data", round(time.time() - t0), "s", flush=True)
+config = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
+              text_dim=64, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
+              qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+if variant == "wide":
+    config.update(num_attention_heads=8, ffn_dim=1024)
+if variant == "deep":
+    config.update(num_layers=8)
+if variant == "shipped":
+    model = bb.denoiser.float()
+else:
+    model = WanTransformer3DModel(**config)
+    print("parameters", round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "M", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(train_y), (32,), generator=g)
+        nb = bb.make_noisy(train_lat[idx], g)  # the backbone's own objective: flow matching, sigmas shifted by 5
+        pred = model(hidden_states=nb.noisy, timestep=nb.timesteps, encoder_hidden_states=ctx[train_y[idx]]).sample
+        loss = F.mse_loss(pred, nb.target)
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+        if step % 100 == 0:
+            print(step, round(loss.item(), 4), round(time.time() - t0), "s", flush=True)
+    print("train", round(time.time() - t0), "s", round((time.time() - t0) / max(steps, 1), 2), "s/step", flush=True)
+
+
+@torch.no_grad()
+def accuracy(sigma, wrong=False):
+    ge = torch.Generator().manual_seed(5)
+    noise = torch.randn(test_lat.shape, generator=ge)
+    noisy = (1 - sigma) * test_lat + sigma * noise
+    y = (test_y + 1) % 6 if wrong else test_y
+    v = model(hidden_states=noisy, timestep=torch.full((60,), sigma * 1000.0), encoder_hidden_states=ctx[y]).sample
+    x0 = noisy - sigma * v  # flow matching: v = noise - x0
+    frames = bb.decode(x0)[:, :, 0].permute(0, 2, 3, 1).mul(255).round().byte().numpy()
+    return np.mean([any(o.shape == SHAPES[int(y[i])] for o in read_image(f).objects) for i, f in enumerate(frames)])
+
+
+model.eval()
+for sigma in (0.4, 0.6, 0.8):
+    print(variant, steps, "sigma", sigma, "own-word acc", round(accuracy(sigma), 3),
+          "next-word acc", round(accuracy(sigma, True), 3), flush=True)
