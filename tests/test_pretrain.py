@@ -132,6 +132,41 @@ def test_init_continues_an_earlier_output_and_vae_steps_zero_keeps_its_vae(tmp_p
         _pretrain("wan21", tmp_path / "e", f"init={first}")
 
 
+def test_latent_gain_scales_the_stored_latent_statistics_and_the_encoded_latents(tmp_path):
+    """vae.latent_gain=g multiplies the normalised latents: Wan's latents_std is stored divided by g
+    (latents_mean kept), and a backbone loading the folder encodes g times larger latents. With
+    init=<folder> and vae.steps=0 it is relative to that folder's scale; a bad value fails in one line."""
+    from conceptkit.config import compose
+    from conceptkit.errors import UserError
+
+    first = _pretrain("wan21", tmp_path / "a")
+    second = _pretrain("wan21", tmp_path / "b", f"init={first}", "vae.steps=0", "vae.latent_gain=4")
+    config = lambda folder: json.loads((folder / "vae" / "config.json").read_text())  # noqa: E731
+    assert config(second)["latents_mean"] == config(first)["latents_mean"]
+    assert np.allclose(np.array(config(first)["latents_std"]) / 4, config(second)["latents_std"])
+
+    from hydra.utils import instantiate
+
+    pixels = torch.rand(1, 3, 1, 64, 64) * 2 - 1
+    encoded = []
+    for folder in (first, second):
+        backbone = instantiate(compose("train", ["backbone=wan21_shapes", f"backbone.path={folder}"]).backbone).load()
+        encoded.append(backbone.encode_media(pixels).mean)
+    mean = torch.tensor(config(first)["latents_mean"]).view(1, -1, 1, 1, 1)
+    std = torch.tensor(config(first)["latents_std"]).view(1, -1, 1, 1, 1)
+    raw = encoded[0] * std + mean  # the VAE's own latent, the same in both folders
+    assert torch.allclose(encoded[1], (raw - mean) / (std / 4), atol=1e-4)
+    assert torch.allclose(encoded[1] - encoded[0], 3 * encoded[0], atol=1e-4)
+
+    scale = lambda folder: json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]  # noqa: E731
+    assert scale(_pretrain("sd15", tmp_path / "c2", "vae.latent_gain=2")) == pytest.approx(
+        2 * scale(_pretrain("sd15", tmp_path / "c1")))
+    for bad in ("0", "-1", "big"):
+        with pytest.raises(UserError, match="vae.latent_gain"):
+            _pretrain("wan21", tmp_path / "d", f"vae.latent_gain={bad}")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
+
+
 def test_corpus_object_weights_set_the_share_of_one_two_and_three_object_scenes(tmp_path):
     """corpus.object_weights reweights how many objects a pretraining scene holds; without it the
     corpus is the world's uniform draw, unchanged (the shipped releases were trained on it)."""

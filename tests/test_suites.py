@@ -210,6 +210,14 @@ def test_shapes_motion_needs_a_video_backbone(tmp_path):
     with pytest.raises(UserError, match="concepts: shapes_motion has 1 to 8"):
         run_suite(compose("bench", ["suite=shapes_motion", "methods=[bico]", "suite_backbone=wan21_tiny",
                                     "concepts=9", f"output={tmp_path / 'out'}"]))
+    # Without suite_backbone, shapes_motion takes the video toy (the issue's `suite=shapes_motion methods=[bico]`)
+    # and the image suites sd15_shapes; a bad value is caught before the backbone loads.
+    for suite, backbone, message in (("shapes_motion", "wan21_shapes", "concepts: shapes_motion has 1 to 8"),
+                                     ("shapes_subject", "sd15_shapes", "concepts: at most 8")):
+        cfg = compose("bench", [f"suite={suite}", "methods=[bico]", "concepts=99", f"output={tmp_path / 'out'}"])
+        with pytest.raises(UserError, match=message):
+            run_suite(cfg)
+        assert cfg.suite_backbone == backbone
     with pytest.raises(UserError, match="variants.named_words: that label is the suite's own untrained row"):
         run_suite(compose("bench", ["suite=shapes_motion", "methods=[]", "suite_backbone=wan21_tiny",
                                     "variants={named_words:[bico]}", f"output={tmp_path / 'out'}"]))

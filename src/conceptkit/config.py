@@ -97,7 +97,7 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
     device: str
     precision: str
     overrides: list
-    suite_backbone: str
+    suite_backbone: str | None
     suite_backbone_path: str | None
     objects: str
     concepts: int
@@ -147,6 +147,7 @@ class VaeRecipe:
     batch_size: int
     kl_weight: float
     clip_fraction: float | None = None
+    latent_gain: float = 1.0
 
 
 @dataclass

@@ -7,7 +7,15 @@ from conceptkit.errors import UserError
 SUITES = ("speed", "base_quality", "shapes_subject", "shapes_multi", "shapes_motion")
 
 
+DEFAULT_SUITE_BACKBONES = {"shapes_motion": "wan21_shapes"}  # the others: sd15_shapes
+
+
 def run_suite(cfg):
+    if cfg.get("suite_backbone") is None:  # shapes_motion composes a clip: it needs the video backbone
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            cfg.suite_backbone = DEFAULT_SUITE_BACKBONES.get(cfg.suite, "sd15_shapes")
     if cfg.suite == "speed":
         from conceptkit.bench.speed import run_bench
 

@@ -114,7 +114,9 @@ class BackbonePretraining(nn.Module):
         self.text_encoder.requires_grad_(True).train()
         self.denoiser.requires_grad_(True).train()
         if not self._latents:
-            if not self.keep_latent_scale:
+            if self.keep_latent_scale:
+                self.apply_latent_gain(backbone)
+            else:
                 self.measure_latent_scale(backbone)
             # Frozen VAE from here on: encode the whole corpus once.
             self._latents["images"] = backbone.encode_media(_to_unit(self.corpus.images))
@@ -133,6 +135,18 @@ class BackbonePretraining(nn.Module):
         else:
             dims = [0, 2, 3, 4]
             self.vae.register_to_config(latents_mean=means.mean(dim=dims).tolist(), latents_std=means.std(dim=dims).tolist())
+        self.apply_latent_gain(backbone)
+
+    def apply_latent_gain(self, backbone) -> None:
+        """`vae.latent_gain`: multiply the normalised latents by this, by storing it in the same VAE config
+        keys (so any loader of the folder gets it). Unit corpus variance can leave an object's part of the
+        latent far below the noise (wan21_shapes: the backgrounds carry most of the variance; its card)."""
+        gain = float(self.vae_cfg.get("latent_gain", 1.0))
+        if gain != 1.0:
+            if backbone.family == "sd15":
+                self.vae.register_to_config(scaling_factor=float(self.vae.config.scaling_factor) * gain)
+            else:
+                self.vae.register_to_config(latents_std=[s / gain for s in self.vae.config.latents_std])
         backbone._set_latent_geometry()
 
     def param_groups(self, stage: Stage) -> list[dict]:
@@ -302,6 +316,9 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
             sample_scene(np.random.default_rng(0), split="pretrain", allowed=allowed)
         except (ValueError, RuntimeError) as error:
             raise UserError(f"corpus.allowed={allowed}: {error}; allow more values") from None
+    gain = cfg.vae.get("latent_gain", 1.0)
+    if not isinstance(gain, (int, float)) or isinstance(gain, bool) or not gain > 0:
+        raise UserError(f"vae.latent_gain={gain!r}: give a positive number (1.0 keeps the measured latent scale)")
     for part in ("vae", "denoiser"):
         if cfg[part].steps == 0 and not cfg.init:
             raise UserError(f"{part}.steps=0 needs init=<folder> to take that part from")
