@@ -1,9 +1,11 @@
-# One-off probe (session 13): can the wan21_shapes transformer learn word -> outline on a simplified world,
-# and does width or depth help? The sd15_shapes counterpart is benchmarks/shapes_arch_probe.
-#   python benchmarks/wan_arch_probe/probe.py <shipped|base|wide|deep> <steps>     (results: README.md here)
-# shipped: the shipped release's transformer, not trained further (steps ignored); base: the shipped config,
-# fresh weights; wide: 8 heads x 32 (width 256), FFN 1024; deep: 8 blocks. Frozen: the shipped VAE and UMT5.
-import sys, time, torch, numpy as np, torch.nn.functional as F
+# One-off probe (sessions 13-14): can the wan21_shapes transformer learn word -> outline on a simplified world?
+# The sd15_shapes counterpart is benchmarks/shapes_arch_probe.
+#   python benchmarks/wan_arch_probe/probe.py <variant> <steps> [wan21_shapes folder]    (results: README.md here)
+# shipped: the release's transformer (or the folder's), not trained further (steps ignored); base: the shipped
+# config, fresh weights; wide: 8 heads x 32 (width 256), FFN 1024; deep: 8 blocks; short: context cut to the
+# prompt's tokens; heads1: 1 head x 128. scaled<K>[_centred|_heads2|_patch1]: latents x K; every object at the
+# centre; 2 heads x 64; 1x1 patches. Frozen: the VAE and UMT5. PROBE_WEIGHTS=<folder> keeps each trained probe.
+import os, sys, time, torch, numpy as np, torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from diffusers import WanTransformer3DModel
@@ -14,7 +16,7 @@ from conceptkit.world.oracle import read_image
 variant, steps = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
 with initialize_config_module("conceptkit.conf", version_base=None):
-    cfg = compose("train", overrides=["backbone=wan21_shapes"])
+    cfg = compose("train", overrides=["backbone=wan21_shapes", *([f"backbone.path={sys.argv[3]}"] if len(sys.argv) > 3 else [])])
 bb = instantiate(cfg.backbone).load()
 allowed = {"size": ["large"], "colour": ["red"], "pattern": ["plain"], "background_colour": ["sand"],
            "background_pattern": ["plain"]}
@@ -23,13 +25,16 @@ allowed = {"size": ["large"], "colour": ["red"], "pattern": ["plain"], "backgrou
 def make(n, seed):
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, n_objects=1, allowed=allowed, orientation="upright") for _ in range(n)]
+    if "centred" in variant:  # every object at the image centre: only the shape left to draw
+        from dataclasses import replace
+        scenes = [replace(s, objects=(replace(s.objects[0], centre=(0.5, 0.5)),)) for s in scenes]
     px = torch.from_numpy(np.stack([render_scene(s, 64) for s in scenes])).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1
     return bb.encode_media(px).mean * latent_scale, torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])
 
 
 # scaledK: latents multiplied by K (a smaller latents_std). In the shipped VAE's normalised latents the object
 # carries ~1/20 of the variance it has in sd15_shapes' (benchmarks/wan_arch_probe/README.md), so it drowns in the noise.
-latent_scale = float(variant[len("scaled"):]) if variant.startswith("scaled") else 1.0
+latent_scale = float(variant.split("_")[0][len("scaled"):]) if variant.startswith("scaled") else 1.0
 t0 = time.time()
 train_lat, train_y = make(3000, 1)
 test_lat, test_y = make(60, 2)
@@ -44,7 +49,9 @@ config = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32
               qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
 if variant == "wide":
     config.update(num_attention_heads=8, ffn_dim=1024)
-if variant == "heads2":  # same width, 2 heads x 64: RoPE gets 10 frequencies per spatial axis instead of 5
+if variant.endswith("patch1"):  # 1x1 patches: a frame is 16x16 tokens, a large object 6-8 tokens across, not 3-4
+    config.update(patch_size=(1, 1, 1))
+if variant.endswith("heads2"):  # same width, 2 heads x 64: RoPE gets 10 frequencies per spatial axis instead of 5
     config.update(num_attention_heads=2, attention_head_dim=64)
 if variant == "heads1":  # same width, 1 head x 128: 21 frequencies per spatial axis, as real Wan's 128-dim heads
     config.update(num_attention_heads=1, attention_head_dim=128)
@@ -82,7 +89,7 @@ def accuracy(sigma, wrong=False):
 
 
 @torch.no_grad()
-def sampled_accuracy(n=36, steps=25, shift=3.0):
+def sampled_accuracy(n=36, steps=25, shift=3.0, guidance=1.0):
     # Whole sampling from pure noise (Euler on the flow, sigmas shifted as the backbone samples; no CFG:
     # the probe trains without dropped captions): does the drawn object have the asked shape?
     ge = torch.Generator().manual_seed(7)
@@ -90,7 +97,11 @@ def sampled_accuracy(n=36, steps=25, shift=3.0):
     u = torch.linspace(1, 0, steps + 1)
     sig = shift * u / (1 + (shift - 1) * u)
     for a, b in zip(sig[:-1], sig[1:]):
-        v = model(hidden_states=x, timestep=torch.full((n,), float(a) * 1000.0), encoder_hidden_states=ctx[torch.arange(n) % 6]).sample
+        t = torch.full((n,), float(a) * 1000.0)
+        v = model(hidden_states=x, timestep=t, encoder_hidden_states=ctx[torch.arange(n) % 6]).sample
+        if guidance != 1.0:  # classifier-free guidance against the empty prompt (models trained with dropped captions)
+            empty = bb.encode_text([""])[0][:, :ctx.shape[1]].expand(n, -1, -1)
+            v = v + (guidance - 1) * (v - model(hidden_states=x, timestep=t, encoder_hidden_states=empty).sample)
         x = x + (b - a) * v
     frames = bb.decode(x / latent_scale)[:, :, 0].permute(0, 2, 3, 1).mul(255).round().byte().numpy()
     reads = [read_image(f).objects for f in frames]
@@ -99,9 +110,13 @@ def sampled_accuracy(n=36, steps=25, shift=3.0):
 
 
 model.eval()
-if variant != "shipped":
-    torch.save(model.state_dict(), f"/work/runs/s14/probe_{variant}_{steps}.pt")
+if variant != "shipped" and os.environ.get("PROBE_WEIGHTS"):  # a folder to keep the trained probe in
+    torch.save(model.state_dict(), os.path.join(os.environ["PROBE_WEIGHTS"], f"probe_{variant}_{steps}.pt"))
 print(variant, steps, "sampled: asked shape, one object", [round(float(a), 3) for a in sampled_accuracy()], flush=True)
+if variant == "shipped":  # trained with dropped captions: CFG applies
+    for guidance in (5.0, 10.0):
+        print(variant, "guidance", guidance, "sampled: asked shape, one object",
+              [round(float(a), 3) for a in sampled_accuracy(guidance=guidance)], flush=True)
 for sigma in (0.4, 0.6, 0.8):
     print(variant, steps, "sigma", sigma, "own-word acc", round(accuracy(sigma), 3),
           "next-word acc", round(accuracy(sigma, True), 3), flush=True)
