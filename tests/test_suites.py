@@ -140,17 +140,27 @@ def test_shapes_subject_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     cfg = compose("bench", ["suite=shapes_subject", "methods=[textual_inversion,conceptprism]",
                             "suite_backbone=sd15_tiny", "concepts=1", "train_steps=2", "samples_per_prompt=1",
                             "sample_steps=2", "drift_prompts=2", f"output={tmp_path}",
-                            "train_overrides=['trainer.accumulate=1']"])
-    run_suite(cfg)
+                            "train_overrides=['trainer.accumulate=1']",
+                            "variants={bico_lr1e3:[bico,'method.lr=0.001','method.prompt_count=16']}", "keep_work=true"])
+    with pytest.warns(UserWarning):  # BiCo without a VLM says its prompts are offline wordings
+        run_suite(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [(r["method"], r["concept"]) for r in results["records"]] == [
-        ("textual_inversion", "red_striped_star"), ("conceptprism", "red_striped_star")]
+    assert [(r["variant"], r["method"], r["concept"]) for r in results["records"]] == [
+        ("textual_inversion", "textual_inversion", "red_striped_star"), ("conceptprism", "conceptprism", "red_striped_star"),
+        ("bico_lr1e3", "bico", "red_striped_star")]
     for record in results["records"]:
         for metric in SUBJECT_METRICS:
             assert isinstance(record[metric], float)
         assert (tmp_path / record["grid"]).is_file()
-    assert "| conceptprism |" in (tmp_path / "report.md").read_text()
-    assert not (tmp_path / "work").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "| conceptprism |" in report and "| bico_lr1e3 |" in report
+    # BiCo binds the neutral word, never the references' world captions (which name the held-out factors),
+    # and the variant's overrides reach it
+    meta = json.loads((tmp_path / "work" / "bico_lr1e3_red_striped_star.concept" / "concept.json").read_text())
+    assert meta["hparams"]["description"] == "object" and meta["hparams"]["lr"] == 0.001
+    prompts = meta["method_info"]["training_prompts"]  # the 16th wording would wrap a caption if there were one
+    assert prompts[:2] == ["object", "a photo of object"] and prompts[15] == "object" and len(prompts) == 16
+    assert results["settings"]["variants"] == {"bico_lr1e3": ["bico", "method.lr=0.001", "method.prompt_count=16"]}
 
 
 def test_a_missing_suite_backbone_folder_is_one_clear_line(tmp_path):

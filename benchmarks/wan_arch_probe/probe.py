@@ -4,7 +4,9 @@
 # shipped: the release's transformer (or the folder's), not trained further (steps ignored); base: the shipped
 # config, fresh weights; wide: 8 heads x 32 (width 256), FFN 1024; deep: 8 blocks; short: context cut to the
 # prompt's tokens; heads1: 1 head x 128. scaled<K>[_centred|_heads2|_patch1]: latents x K; every object at the
-# centre; 2 heads x 64; 1x1 patches. Frozen: the VAE and UMT5. PROBE_WEIGHTS=<folder> keeps each trained probe.
+# centre; 2 heads x 64; 1x1 patches; also _heads8, _heads16 (same width) and _deep (session 15). Frozen: the VAE
+# and UMT5. PROBE_WEIGHTS=<folder> keeps each trained probe; PROBE_INIT=<.pt> continues one; PROBE_LR, PROBE_EMA
+# (decay; sample with the average); PROBE_BAND=lo,hi puts half of each batch at sigmas uniform in [lo, hi].
 import os, sys, time, torch, numpy as np, torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
@@ -53,26 +55,47 @@ if variant.endswith("patch1"):  # 1x1 patches: a frame is 16x16 tokens, a large 
     config.update(patch_size=(1, 1, 1))
 if variant.endswith("heads2"):  # same width, 2 heads x 64: RoPE gets 10 frequencies per spatial axis instead of 5
     config.update(num_attention_heads=2, attention_head_dim=64)
+if variant.endswith("heads8"):  # same width, 8 heads x 16: twice the attention patterns (relative offsets) a block can look at
+    config.update(num_attention_heads=8, attention_head_dim=16)
+if variant.endswith("heads16"):  # same width, 16 heads x 8
+    config.update(num_attention_heads=16, attention_head_dim=8)
+if variant.endswith("deep"):  # twice as deep
+    config.update(num_layers=8)
 if variant == "heads1":  # same width, 1 head x 128: 21 frequencies per spatial axis, as real Wan's 128-dim heads
     config.update(num_attention_heads=1, attention_head_dim=128)
-if variant == "deep":
-    config.update(num_layers=8)
 if variant == "shipped":
     model = bb.denoiser.float()
 else:
     model = WanTransformer3DModel(**config)
+    if os.environ.get("PROBE_INIT"):  # continue from a kept probe (a curriculum: e.g. centred objects first)
+        model.load_state_dict(torch.load(os.environ["PROBE_INIT"]))
     print("parameters", round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "M", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(os.environ.get("PROBE_LR", 5e-4)), weight_decay=0)
+    ema_decay = float(os.environ.get("PROBE_EMA", 0))  # >0: sample and read with an EMA of the weights
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, len(train_y), (32,), generator=g)
-        nb = bb.make_noisy(train_lat[idx], g)  # the backbone's own objective: flow matching, sigmas shifted by 5
+        band = os.environ.get("PROBE_BAND")  # "lo,hi": half of each batch at sigmas uniform in that band
+        timesteps = None
+        if band:
+            lo, hi = (float(b) for b in band.split(","))
+            sig = bb._shift(torch.rand((32,), generator=g), bb.train_shift)
+            sig[:16] = lo + (hi - lo) * torch.rand((16,), generator=g)
+            timesteps = sig * 1000.0
+        nb = bb.make_noisy(train_lat[idx], g, timesteps)  # the backbone's own objective: flow matching, sigmas shifted by 5
         pred = model(hidden_states=nb.noisy, timestep=nb.timesteps, encoder_hidden_states=ctx[train_y[idx]]).sample
         loss = F.mse_loss(pred, nb.target)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+        if ema_decay:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    ema[k].lerp_(v, 1 - ema_decay)
         if step % 100 == 0:
             print(step, round(loss.item(), 4), round(time.time() - t0), "s", flush=True)
+    if ema_decay:
+        model.load_state_dict(ema)
     print("train", round(time.time() - t0), "s", round((time.time() - t0) / max(steps, 1), 2), "s/step", flush=True)
 
 

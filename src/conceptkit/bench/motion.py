@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conceptkit.bench.suites import NEUTRAL_SUBJECT_WORD
 from conceptkit.errors import UserError
 
 DIRECTIONS = ("left", "right", "up", "down")  # case i moves DIRECTIONS[i % 4]
-SUBJECT_WORD, MOTION_WORD = "object", "moving"
+SUBJECT_WORD, MOTION_WORD = NEUTRAL_SUBJECT_WORD, "moving"
 MOTION_METRICS = ("subject_fidelity", "motion_fidelity", "shape_fidelity", "colour_fidelity", "direction_fidelity",
                   "prompt_fidelity", "source_leakage")
 

@@ -35,12 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from conceptkit.errors import UserError
 from conceptkit.world.factors import TOY_ORIENTATION
 
 TRAIN_BACKGROUNDS = (("sky", "plain"), ("grass", "noise"), ("navy", "gradient"), ("pink", "plain"))
 TEST_BACKGROUNDS = ("sand", "teal")
+NEUTRAL_SUBJECT_WORD = "object"  # what a word-rendering method's subject is called in shapes_subject and shapes_motion
 
 
 @dataclass
@@ -150,15 +152,23 @@ def _train(method: str, backbone: list[str], case: SubjectCase, output: Path, st
     from conceptkit.training.run import train
 
     overrides = [f"method={method}", *backbone, f"data.images={case.folder}", f"name={case.name}",
-                 f"output={output}", "sample.count=0", "trainer.progress_bar=false", f"seed={seed}", "overwrite=true",
-                 *extra]
+                 f"output={output}", "sample.count=0", "trainer.progress_bar=false", f"seed={seed}", "overwrite=true"]
     if steps is not None:
         overrides.append(f"trainer.max_steps={steps}")
-    if "class_noun" in compose("train", [f"method={method}"]).method:
+    method_cfg = compose("train", [f"method={method}"]).method
+    if "class_noun" in method_cfg:
         # Methods that name a class (DreamBooth's protocol: identifier + class noun) get the concept's shape.
         overrides.append(f"method.class_noun={case.combo[0]}")
+    if "description" in method_cfg:
+        # A method that renders the concept as its description (BiCo) gets the neutral word and no captions
+        # [ours]: the references' world captions name the held-out shape, colour and pattern, which the toy
+        # text encoder knows, so they would score the base model, not the binding (shapes_motion's rule;
+        # its sources carry no captions). An empty caption is no caption (data.py).
+        no_captions = case.folder.parent / f"{case.name}_no_captions.json"
+        no_captions.write_text(json.dumps({f.name: "" for f in sorted(case.folder.glob("*.png"))}) + "\n")
+        overrides += [f"method.description={NEUTRAL_SUBJECT_WORD}", f"data.captions={no_captions}"]
     started = time.time()
-    folder = train(compose("train", overrides))
+    folder = train(compose("train", [*overrides, *extra]))  # the variant's and the user's overrides last: they win
     return folder, time.time() - started
 
 
@@ -197,6 +207,7 @@ def run_subject_suite(cfg) -> Path:
     for name in cfg.methods:
         if name not in method_names():
             raise UserError(f"methods: unknown method {name!r}; choose from {', '.join(method_names())}")
+    rows = multi_variants(cfg)
     if cfg.concepts > len(HELDOUT_COMBOS):
         raise UserError(f"concepts: at most {len(HELDOUT_COMBOS)} held-out combinations exist")
     output, work, backbone, sample = _suite_setup(cfg)
@@ -209,11 +220,11 @@ def run_subject_suite(cfg) -> Path:
                                 drift_cases)
     train_backgrounds = {b for b, _ in TRAIN_BACKGROUNDS}
     records = []
-    total = len(cases) * len(cfg.methods)
-    for number, (case, method_name) in enumerate(((c, m) for c in cases for m in cfg.methods), 1):
-        print(f"[{number}/{total}] {method_name} on {case.name} ...", flush=True)
-        folder, seconds = _train(method_name, suite_backbone_overrides(cfg), case, work / f"{method_name}_{case.name}.concept",
-                                 cfg.train_steps, cfg.seed, list(cfg.train_overrides))
+    total = len(cases) * len(rows)
+    for number, (case, (label, method_name, extra)) in enumerate(((c, r) for c in cases for r in rows), 1):
+        print(f"[{number}/{total}] {label} on {case.name} ...", flush=True)
+        folder, seconds = _train(method_name, suite_backbone_overrides(cfg), case, work / f"{label}_{case.name}.concept",
+                                 cfg.train_steps, cfg.seed, [*extra, *cfg.train_overrides])
         method, meta = load_concept(folder, backbone)
         prompts = subject_prompts(method.prompt("{%s}" % case.name))
         texts = [p for p, _ in prompts for _ in range(cfg.samples_per_prompt)]
@@ -225,13 +236,14 @@ def run_subject_suite(cfg) -> Path:
                                   drift_cases)
         metrics["drift"] = base_drift - attached
         method.detach(backbone)
-        grid_name = f"{method_name}_{case.name}.png"
+        grid_name = f"{label}_{case.name}.png"
         save_png(grid(media, columns=cfg.samples_per_prompt), output / grid_name)
-        records.append({"method": method_name, "backbone": backbone_name, "concept": case.name,
+        records.append({"variant": label, "method": method_name, "overrides": extra, "backbone": backbone_name,
+                        "concept": case.name,
                         **{k: (None if v is None else round(v, 4)) for k, v in metrics.items()},
                         "train_seconds": round(seconds, 1), "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
                         "prompts": [p for p, _ in prompts]})
-    write_suite_results(output, "shapes_subject", cfg, records,
+    write_suite_results(output, "shapes_subject", cfg, [label for label, _, _ in rows], records,
                         notes={"base_drift_accuracy": round(base_drift, 4),
                                "train_backgrounds": sorted(train_backgrounds), "test_backgrounds": list(TEST_BACKGROUNDS)})
     if not cfg.keep_work:
@@ -261,17 +273,20 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def write_suite_results(output: Path, suite: str, cfg, records: list[dict], notes: dict) -> None:
+def write_suite_results(output: Path, suite: str, cfg, labels: list[str], records: list[dict], notes: dict) -> None:
+    """labels: the table's rows in order (methods, then variants)."""
     results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "settings": {k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
-                                                "samples_per_prompt", "sample_steps", "guidance", "seed")},
+               "settings": {**{k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
+                                                   "samples_per_prompt", "sample_steps", "guidance", "seed")},
+                            "variants": OmegaConf.to_container(cfg.variants) if cfg.get("variants") else None,
+                            "train_overrides": list(cfg.train_overrides)},
                "notes": notes, "records": records}
     (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
     lines = [f"# conceptkit bench: {suite}", "", f"backbone {cfg.suite_backbone}, seed {cfg.seed}, "
              f"{cfg.train_steps or 'default'} steps per stage; {json.dumps(notes)}", "",
              "| method | " + " | ".join(SUBJECT_METRICS) + " | concepts | train s |", "|---" * (len(SUBJECT_METRICS) + 3) + "|"]
-    for method in cfg.methods:
-        rows = [r for r in records if r["method"] == method]
+    for method in labels:
+        rows = [r for r in records if r["variant"] == method]
         if not rows:
             continue
         means = [_mean_or_none([r[m] for r in rows]) for m in SUBJECT_METRICS]
@@ -279,13 +294,13 @@ def write_suite_results(output: Path, suite: str, cfg, records: list[dict], note
                      f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
     lines += ["", "## Per concept", ""]
     for r in records:
-        lines.append(f"### {r['method']} / {r['concept']}")
+        lines.append(f"### {r['variant']} / {r['concept']}" + (f" ({r['method']}: {' '.join(r['overrides'])})" if r["overrides"] else ""))
         lines.append(", ".join(f"{m} {_cell(r[m])}" for m in SUBJECT_METRICS))
-        lines.append(f"![{r['method']} {r['concept']}]({r['grid']})  ")
+        lines.append(f"![{r['variant']} {r['concept']}]({r['grid']})  ")
         lines.append("rows: " + " | ".join(r["prompts"]))
         lines.append("")
     (output / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:6 + len(cfg.methods)]))
+    print("\n".join(lines[:6 + len(labels)]))
 
 
 # --- shapes_multi, and the references of shapes_motion (its runner: motion.py) ---------------------
