@@ -5,8 +5,8 @@
 # config, fresh weights; wide: 8 heads x 32 (width 256), FFN 1024; deep: 8 blocks; short: context cut to the
 # prompt's tokens; heads1: 1 head x 128. scaled<K>[_centred|_heads2|_patch1]: latents x K; every object at the
 # centre; 2 heads x 64; 1x1 patches; also _heads8, _heads16 (same width) and _deep (session 15). Frozen: the VAE
-# and UMT5. PROBE_WEIGHTS=<folder> keeps each trained probe; PROBE_INIT=<.pt> continues one; PROBE_LR, PROBE_EMA
-# (decay; sample with the average); PROBE_BAND=lo,hi puts half of each batch at sigmas uniform in [lo, hi].
+# and UMT5. PROBE_WEIGHTS=<folder> keeps each trained probe; PROBE_INIT=<.pt> continues one; PROBE_LR;
+# PROBE_BAND=lo,hi puts half of each batch at sigmas uniform in [lo, hi].
 import os, sys, time, torch, numpy as np, torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
@@ -71,8 +71,6 @@ else:
         model.load_state_dict(torch.load(os.environ["PROBE_INIT"]))
     print("parameters", round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "M", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=float(os.environ.get("PROBE_LR", 5e-4)), weight_decay=0)
-    ema_decay = float(os.environ.get("PROBE_EMA", 0))  # >0: sample and read with an EMA of the weights
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     t0 = time.time()
     for step in range(steps):
@@ -88,14 +86,8 @@ else:
         pred = model(hidden_states=nb.noisy, timestep=nb.timesteps, encoder_hidden_states=ctx[train_y[idx]]).sample
         loss = F.mse_loss(pred, nb.target)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
-        if ema_decay:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    ema[k].lerp_(v, 1 - ema_decay)
         if step % 100 == 0:
             print(step, round(loss.item(), 4), round(time.time() - t0), "s", flush=True)
-    if ema_decay:
-        model.load_state_dict(ema)
     print("train", round(time.time() - t0), "s", round((time.time() - t0) / max(steps, 1), 2), "s/step", flush=True)
 
 

@@ -243,7 +243,7 @@ def run_subject_suite(cfg) -> Path:
                         **{k: (None if v is None else round(v, 4)) for k, v in metrics.items()},
                         "train_seconds": round(seconds, 1), "process_peak_rss_mb": _process_peak_rss_mb(), "grid": grid_name,
                         "prompts": [p for p, _ in prompts]})
-    write_suite_results(output, "shapes_subject", cfg, [label for label, _, _ in rows], records,
+    write_suite_results(output, "shapes_subject", cfg, records,
                         notes={"base_drift_accuracy": round(base_drift, 4),
                                "train_backgrounds": sorted(train_backgrounds), "test_backgrounds": list(TEST_BACKGROUNDS)})
     if not cfg.keep_work:
@@ -273,30 +273,31 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def write_suite_results(output: Path, suite: str, cfg, labels: list[str], records: list[dict], notes: dict) -> None:
-    """labels: the table's rows in order (methods, then variants)."""
+def write_suite_results(output: Path, suite: str, cfg, records: list[dict], notes: dict) -> None:
+    """One table row per variant, in the records' order (methods, then variants). Records written before
+    session 15 have no `variant` or `overrides` (benchmarks/rescore_subject.py re-writes such folders)."""
+    labels = list(dict.fromkeys(r.get("variant", r["method"]) for r in records))
     results = {"version": 1, "suite": suite, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "settings": {**{k: cfg[k] for k in ("methods", "suite_backbone", "suite_backbone_path", "concepts", "train_steps",
                                                    "samples_per_prompt", "sample_steps", "guidance", "seed")},
                             "variants": OmegaConf.to_container(cfg.variants) if cfg.get("variants") else None,
-                            "train_overrides": list(cfg.train_overrides)},
+                            "train_overrides": list(cfg.get("train_overrides") or [])},
                "notes": notes, "records": records}
     (output / "results.json").write_text(json.dumps(results, indent=2, default=list) + "\n")
     lines = [f"# conceptkit bench: {suite}", "", f"backbone {cfg.suite_backbone}, seed {cfg.seed}, "
              f"{cfg.train_steps or 'default'} steps per stage; {json.dumps(notes)}", "",
              "| method | " + " | ".join(SUBJECT_METRICS) + " | concepts | train s |", "|---" * (len(SUBJECT_METRICS) + 3) + "|"]
     for method in labels:
-        rows = [r for r in records if r["variant"] == method]
-        if not rows:
-            continue
+        rows = [r for r in records if r.get("variant", r["method"]) == method]
         means = [_mean_or_none([r[m] for r in rows]) for m in SUBJECT_METRICS]
         lines.append(f"| {method} | " + " | ".join(_cell(v) for v in means) +
                      f" | {len(rows)} | {np.mean([r['train_seconds'] for r in rows]):.0f} |")
     lines += ["", "## Per concept", ""]
     for r in records:
-        lines.append(f"### {r['variant']} / {r['concept']}" + (f" ({r['method']}: {' '.join(r['overrides'])})" if r["overrides"] else ""))
+        label, overrides = r.get("variant", r["method"]), r.get("overrides") or []
+        lines.append(f"### {label} / {r['concept']}" + (f" ({r['method']}: {' '.join(overrides)})" if overrides else ""))
         lines.append(", ".join(f"{m} {_cell(r[m])}" for m in SUBJECT_METRICS))
-        lines.append(f"![{r['variant']} {r['concept']}]({r['grid']})  ")
+        lines.append(f"![{label} {r['concept']}]({r['grid']})  ")
         lines.append("rows: " + " | ".join(r["prompts"]))
         lines.append("")
     (output / "report.md").write_text("\n".join(lines) + "\n")
