@@ -128,3 +128,30 @@ def test_shipped_wan21_shapes_loads_and_draws_the_requested_background():
     frames = (media.permute(0, 2, 3, 4, 1).numpy() * 255).round().astype(np.uint8)
     backgrounds = [read_clip(f).background_colour == b for f, (_, b) in zip(frames, cases)]
     assert sum(backgrounds) >= 5, backgrounds
+
+
+def test_wan_encodes_only_the_real_tokens_and_zero_pads_to_the_full_length():
+    """UMT5 encodes up to the longest prompt, then zeros fill the rest to max_text_tokens (512 as on
+    Wan2.1): the same context as encoding all 512 positions and zeroing past each prompt's length."""
+    from hydra.utils import instantiate
+
+    from conftest import train_config
+
+    cfg = train_config("conceptprism", "wan21_tiny", "backbone.max_text_tokens=512")
+    backbone = instantiate(cfg.backbone).load()
+    tokenized = backbone.tokenize(["a red dog on the beach at sunset", "a cat"])
+    assert tokenized.input_ids.shape[1] == 512 and tokenized.attention_mask.sum() < 20
+    calls = []
+    handle = backbone.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0].shape),
+                                                             with_kwargs=True)
+    try:
+        context = backbone.encode_tokens(tokenized)
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([2, int(tokenized.attention_mask[0].sum())])]  # not 512 positions
+    with torch.no_grad():
+        full = backbone.text_encoder(tokenized.input_ids, attention_mask=tokenized.attention_mask).last_hidden_state
+    full = full * tokenized.attention_mask.unsqueeze(-1).to(full.dtype)
+    assert context.shape == full.shape
+    torch.testing.assert_close(context, full, rtol=1e-5, atol=1e-6)
+    assert not context[1, int(tokenized.attention_mask[1].sum()):].any()  # zeros past the prompt's length

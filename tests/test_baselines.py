@@ -18,7 +18,7 @@ def test_lora_prior_preservation_batches_instance_and_class():
     method.initialize(backbone, data)
     assert method._class_latents.mean.shape == (3, 4, 8, 8)  # generated and encoded once, before attach
     method.attach(backbone)
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     method.begin_stage(stage, backbone)
     from test_conceptprism import DenoiserCalls
 
@@ -59,7 +59,7 @@ def test_textual_inversion_trains_only_its_vectors_on_templates():
     word = backbone.text_embedding_matrix()[ids].mean(0)
     torch.testing.assert_close(method.vectors.detach(), word.expand(3, -1))
     method.attach(backbone)
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     assert stage.lr == pytest.approx(5e-4 * 4)  # diffusers' scale_lr: x batch x accumulation
     method.begin_stage(stage, backbone)
     seen = []

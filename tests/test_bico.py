@@ -123,7 +123,7 @@ def test_absorbent_token_in_the_eos_slot_in_training_only(backbone_name):
 
     backbone, method = attached(backbone_name)
     data = example_data(backbone, backbone_name)
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     method.begin_stage(stage, backbone)
     batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
     seen = record_first_cross_site(backbone, lambda: method.training_loss(batch, backbone, stage))[0]
@@ -138,6 +138,31 @@ def test_absorbent_token_in_the_eos_slot_in_training_only(backbone_name):
 
 
 @pytest.mark.parametrize("backbone_name", BACKBONES)
+@pytest.mark.parametrize("on_absorbent", [True, False])
+def test_binders_transform_the_absorbent_token_as_the_official_code_does(backbone_name, on_absorbent):
+    """The official code puts the absorbent slot into the binder mask: in the global stage the EOS slot
+    of a training row holds a + f_g(a) (a: the absorbent token; binders act per token, so this is the
+    whole expected value). `binders_on_absorbent=false` keeps a itself there."""
+    from conceptkit.method import TrainBatch
+
+    backbone, method = attached(backbone_name, "thing", f"method.binders_on_absorbent={str(on_absorbent).lower()}")
+    perturb(method)  # scales nonzero: the binders change what they touch
+    data = example_data(backbone, backbone_name)
+    stage = method.stages(backbone)[0]
+    assert stage.name == "global"
+    method.begin_stage(stage, backbone)
+    batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
+    seen = record_first_cross_site(backbone, lambda: method.training_loss(batch, backbone, stage))[0]
+    absorbent = method.absorbent_token.detach().float()
+    with torch.no_grad():
+        bound = absorbent + method.global_binder(absorbent[None, None])[0, 0].float()
+    expected = bound if on_absorbent else absorbent
+    assert not torch.allclose(bound, absorbent, atol=1e-3)  # the two cases differ: the check can fail
+    for row, position in enumerate(backbone.hooks.rows.eos_index):
+        torch.testing.assert_close(seen[row, position].float(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone_name", BACKBONES)
 def test_without_the_absorbent_token_training_keeps_the_eos_context(backbone_name):
     """The paper's "w/o absorbent" ablation (method.absorbent=false): no token is made, and a training
     row's EOS slot holds exactly what the unbound backbone's context holds there (scales at zero)."""
@@ -146,7 +171,7 @@ def test_without_the_absorbent_token_training_keeps_the_eos_context(backbone_nam
     backbone, method = attached(backbone_name, "thing", "method.absorbent=false")
     assert method.absorbent_token is None and "absorbent_token" not in dict(method.named_parameters())
     data = example_data(backbone, backbone_name)
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     method.begin_stage(stage, backbone)
 
     def batch():  # the same prompts drawn in both runs
@@ -164,7 +189,7 @@ def test_stages_train_global_first_then_all_with_their_own_timesteps():
     from conceptkit.methods.bico.schedule import side_timesteps
 
     backbone, method = attached("wan21_tiny")
-    stages = method.stages()
+    stages = method.stages(backbone)
     assert [s.name for s in stages] == ["global", "all"]
     method.begin_stage(stages[0], backbone)
     assert all(p.requires_grad for p in method.global_binder.parameters())
@@ -268,12 +293,12 @@ def test_video_stage1_trains_the_frames_as_images_with_per_frame_prompts(tmp_pat
 
     backbone, method, data = video_setup(tmp_path)
     assert data.frames == 5 and data.count == 2
-    assert [s.name for s in method.stages()] == ["frames_global", "frames_all", "clip_global", "clip_all"]
-    assert [s.steps for s in method.stages()] == [162, 243, 120, 180]  # official code's budgets
+    assert [s.name for s in method.stages(backbone)] == ["frames_global", "frames_all", "clip_global", "clip_all"]
+    assert [s.steps for s in method.stages(backbone)] == [162, 243, 120, 180]  # official code's budgets
     assert all(isinstance(b, DualBranchBinder) for b in [method.global_binder, *method.block_binders])
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     frames = method.stage_data(stage, data)
-    assert method.stage_data(method.stages()[2], data) is data  # stage 2: the whole clips
+    assert method.stage_data(method.stages(backbone)[2], data) is data  # stage 2: the whole clips
     # every frame its own item: a one-frame latent, encoded alone as an image would be
     assert frames.count == 10 and frames.frames == 1 and frames.names[:2] == ["clip0.gif#0", "clip0.gif#1"]
     assert frames.latents.mean.shape[:3] == (10, data.latents.mean.shape[1], 1)
@@ -310,7 +335,7 @@ def test_video_stage1_trains_the_frames_as_images_with_per_frame_prompts(tmp_pat
 
 def test_video_stage2_starts_from_stage1(tmp_path):
     backbone, method, data = video_setup(tmp_path)
-    stages = {s.name: s for s in method.stages()}
+    stages = {s.name: s for s in method.stages(backbone)}
     method.begin_stage(stages["frames_all"], backbone)
     assert {n for n, p in method.named_parameters() if p.requires_grad} == {
         n for n, _ in method.named_parameters() if ".spatial." in n} | {"absorbent_token"}
@@ -344,11 +369,11 @@ def test_one_stage_ablation_trains_every_binder_throughout_with_the_backbones_ti
     budget, no favoured timestep side; a video concept's motion branches still start at the clip stage."""
     from conceptkit.method import TrainBatch
 
-    image = make_method("bico", "wan21_tiny", "x", "method.two_stage=false")
-    assert [(s.name, s.steps) for s in image.stages()] == [("all", 120 + 180)]
     backbone, method, data = video_setup(tmp_path, "method.two_stage=false")
-    stages = {s.name: s for s in method.stages()}
-    assert [(s.name, s.steps) for s in method.stages()] == [("frames_all", 162 + 243), ("clip_all", 120 + 180)]
+    image = make_method("bico", "wan21_tiny", "x", "method.two_stage=false")
+    assert [(s.name, s.steps) for s in image.stages(backbone)] == [("all", 120 + 180)]
+    stages = {s.name: s for s in method.stages(backbone)}
+    assert [(s.name, s.steps) for s in method.stages(backbone)] == [("frames_all", 162 + 243), ("clip_all", 120 + 180)]
     method.begin_stage(stages["clip_all"], backbone)
     for binder in [method.global_binder, *method.block_binders]:  # motion restarted from spatial
         for n, p in binder.spatial.named_parameters():
@@ -365,7 +390,7 @@ def test_one_stage_ablation_trains_every_binder_throughout_with_the_backbones_ti
     assert torch.isfinite(method.training_loss(batch, backbone, stages["clip_all"])["loss"])
     two_stage = make_method("bico", "wan21_tiny", "y", "method.prompts=[a thing moving]")
     with pytest.raises(AssertionError, match="side_timesteps called"):  # the default samples by side
-        two_stage.training_loss(batch, backbone, two_stage.stages()[0])
+        two_stage.training_loss(batch, backbone, two_stage.stages(backbone)[0])
 
 
 def test_global_stages_skip_the_per_block_binders_in_training(tmp_path):
@@ -382,14 +407,14 @@ def test_global_stages_skip_the_per_block_binders_in_training(tmp_path):
 
     backbone, method = attached("wan21_tiny")
     data = example_data(backbone, "wan21_tiny")
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     method.begin_stage(stage, backbone)
     perturb(method, scales=False)
     with torch.no_grad():
         method.global_binder.scale.fill_(0.5)
     assert torch.equal(loss(method, backbone, data, stage, True), loss(method, backbone, data, stage, False))
     backbone, video, clips = video_setup(tmp_path)
-    stage = next(s for s in video.stages() if s.name == "clip_global")
+    stage = next(s for s in video.stages(backbone) if s.name == "clip_global")
     video.begin_stage(stage, backbone)
     perturb(video)
     assert not torch.equal(loss(video, backbone, clips, stage, True), loss(video, backbone, clips, stage, False))
@@ -417,9 +442,9 @@ def test_gate_hyperparameter_reaches_every_dual_binder(tmp_path):
 
 def test_temporal_disentanglement_off_trains_clips_whole_with_plain_binders(tmp_path):
     backbone, method, data = video_setup(tmp_path, "method.temporal_disentanglement=false")
-    assert [s.name for s in method.stages()] == ["global", "all"]
+    assert [s.name for s in method.stages(backbone)] == ["global", "all"]
     assert isinstance(method.global_binder, Binder) and method.frame_training_prompts == []
-    assert method.stage_data(method.stages()[0], data) is data
+    assert method.stage_data(method.stages(backbone)[0], data) is data
 
 
 def test_frame_prompts_own_list_vlm_per_frame_and_bad_input(tmp_path):
@@ -1039,7 +1064,7 @@ def test_global_binding_runs_once_per_forward_and_equals_the_uncached_path(backb
     assert sites > 1
     data = example_data(backbone, backbone_name)
     perturb(method)
-    stage = method.stages()[1]  # `all`: the global binder, every site's own binder and the absorbent train
+    stage = method.stages(backbone)[1]  # `all`: the global binder, every site's own binder and the absorbent train
     method.begin_stage(stage, backbone)
     loss, grads, calls, cache = training_step_grads(method, backbone, data, stage)
     assert calls == 1 and len(cache.made) == 1
@@ -1102,6 +1127,41 @@ def test_global_binding_cache_per_concept_in_guided_composed_sampling():
     plain, plain_calls = sample(cached=False)
     assert plain_calls == [3 * sites] * 2
     assert torch.equal(images, plain)
+
+
+@pytest.mark.parametrize("backbone_name", BACKBONES)
+def test_training_prompts_are_encoded_once_and_give_the_same_loss(backbone_name):
+    """begin_stage encodes the fixed diversified prompts once; a training step calls no text encoder and
+    gets the loss (and binder gradients) that encoding its prompts then and there gives."""
+    from conceptkit.method import TrainBatch
+
+    backbone, method = attached(backbone_name)
+    perturb(method)
+    data = example_data(backbone, backbone_name)
+    stage = method.stages(backbone)[-1]
+    calls = []
+    handle = backbone.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        method.begin_stage(stage, backbone)
+        assert len(calls) >= 1  # encoded here, in chunks
+        calls.clear()
+
+        def step():
+            batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(3))
+            method.zero_grad(set_to_none=True)
+            loss = method.training_loss(batch, backbone, stage)["loss"]
+            loss.backward()
+            return loss.detach(), method.global_binder.net[1].weight.grad.clone()
+
+        cached_loss, cached_grad = step()
+        assert calls == []  # no text encoder in the training step
+        method._encoded = None  # what every step did before: encode the drawn prompts
+        fresh_loss, fresh_grad = step()
+        assert calls  # the check can fail: this path does call it
+    finally:
+        handle.remove()
+    torch.testing.assert_close(cached_loss, fresh_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached_grad, fresh_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_global_binding_cache_is_keyed_on_context_rows_mode_and_parameters():
@@ -1183,7 +1243,7 @@ def test_bf16_binders_hold_bf16_bind_exactly_at_scale_zero_and_train(backbone_na
     assert torch.equal(bound, predict(backbone, ["a photo of %s on the beach" % method.resolved_description]))
     method.attach(backbone)
     data = example_data(backbone, backbone_name)
-    stage = method.stages()[1]
+    stage = method.stages(backbone)[1]
     method.begin_stage(stage, backbone)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-2)

@@ -9,7 +9,7 @@ from conftest import example_data, make_backbone, make_method
 
 
 def test_exclusion_anchors_are_other_images_without_replacement():
-    from conceptkit.training.losses import sample_others
+    from conceptkit.methods.conceptprism.losses import sample_others
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
@@ -23,7 +23,7 @@ def test_exclusion_anchors_are_other_images_without_replacement():
 
 
 def test_exclusion_loss_value_and_stop_gradient_on_2x2():
-    from conceptkit.training.losses import exclusion_loss
+    from conceptkit.methods.conceptprism.losses import exclusion_loss
 
     residual = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     null = torch.tensor([[0.0, 2.0], [1.0, 0.0]], requires_grad=True)
@@ -52,23 +52,31 @@ class DenoiserCalls:
 
 
 @pytest.mark.parametrize("backbone_name", ["sd15_tiny", "wan21_tiny"])
-def test_token_stage_is_one_batched_call_with_the_paper_loss(backbone_name):
+@pytest.mark.parametrize("null_predictions", ["no_grad", "batched"])
+def test_token_stage_calls_and_the_paper_loss(backbone_name, null_predictions):
     from conceptkit.method import TrainBatch
     from conceptkit.training.losses import denoising_loss
 
     backbone = make_backbone(backbone_name)
-    method = make_method("conceptprism", backbone_name, "toy")
+    method = make_method("conceptprism", backbone_name, "toy", f"method.null_predictions={null_predictions}")
     data = example_data(backbone, backbone_name)
     method.initialize(backbone, data)
     method.attach(backbone)
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     method.begin_stage(stage, backbone)
     counter = DenoiserCalls(backbone)
     out = method.training_loss(TrainBatch(torch.tensor([1]), data, torch.Generator().manual_seed(3)), backbone, stage)
     counter.remove()
-    assert len(counter.calls) == 1  # reconstruction + K residual + K null in ONE call
-    noisy, timesteps, context = counter.calls[0]
     k = min(method.anchors, data.count - 1)
+    if null_predictions == "batched":
+        assert len(counter.calls) == 1  # reconstruction + K residual + K null in ONE call
+        noisy, timesteps, context = counter.calls[0]
+    else:
+        # the K null rows first, without autograd, then reconstruction + K residual rows
+        assert [c[0].shape[0] for c in counter.calls] == [k, 1 + k]
+        (null_noisy, null_t, null_context), (noisy, timesteps, context) = counter.calls
+        noisy, timesteps = torch.cat([noisy, null_noisy]), torch.cat([timesteps, null_t])
+        context = torch.cat([context, null_context])
     assert noisy.shape[0] == 1 + 2 * k
     # residual and null rows of each anchor share latent and timestep; anchors differ from each other
     assert torch.equal(noisy[1:1 + k], noisy[1 + k:])
@@ -85,6 +93,40 @@ def test_token_stage_is_one_batched_call_with_the_paper_loss(backbone_name):
     excl = denoising_loss(prediction[1:1 + k], prediction[1 + k:]).item()
     assert out["excl"].item() == pytest.approx(excl, rel=1e-5)
     assert out["loss"].item() == pytest.approx(rec + method.beta * excl, rel=1e-5)
+
+
+@pytest.mark.parametrize("backbone_name", ["sd15_tiny", "wan21_tiny"])
+def test_null_predictions_without_grad_give_the_batched_loss_and_gradients(backbone_name):
+    """The null rows are stop-gradient targets, so leaving them out of the graph changes nothing the
+    optimiser sees; the old code (batched) kept them in it, and backward ran over 2K + 1 rows."""
+    from conceptkit.method import TrainBatch
+
+    backbone = make_backbone(backbone_name)
+    data = example_data(backbone, backbone_name)
+    results = {}
+    for mode in ("batched", "no_grad"):
+        method = make_method("conceptprism", backbone_name, "toy", f"method.null_predictions={mode}")
+        method.initialize(backbone, data)
+        method.attach(backbone)
+        stage = method.stages(backbone)[0]
+        method.begin_stage(stage, backbone)
+        grad_modes = []
+        handle = backbone.denoiser.register_forward_pre_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
+        out = method.training_loss(TrainBatch(torch.tensor([2]), data, torch.Generator().manual_seed(5)),
+                                   backbone, stage)
+        handle.remove()
+        assert grad_modes == ([True] if mode == "batched" else [False, True])
+        out["loss"].backward()
+        results[mode] = ({k: v.item() for k, v in out.items()},
+                         [p.grad.clone() for p in [method.target, *method.residuals]])
+        method.detach(backbone)
+    (loss_b, grads_b), (loss_n, grads_n) = results["batched"], results["no_grad"]
+    assert loss_b == pytest.approx(loss_n, rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in grads_n)
+    for gb, gn in zip(grads_b, grads_n):
+        torch.testing.assert_close(gn, gb, rtol=1e-4, atol=1e-7)
+    with pytest.raises(Exception, match="null_predictions"):
+        make_method("conceptprism", backbone_name, "toy", "method.null_predictions=sometimes")
 
 
 def test_initialisation_follows_the_official_code():
@@ -121,7 +163,7 @@ def test_lora_stage_freezes_tokens_and_caches_prompts():
     data = example_data(backbone)
     method.initialize(backbone, data)
     method.attach(backbone)
-    lora_stage = method.stages()[1]
+    lora_stage = method.stages(backbone)[1]
     assert (lora_stage.name, lora_stage.steps, lora_stage.lr, lora_stage.accumulate) == ("lora", 200, 4e-4, 4)
     method.begin_stage(lora_stage, backbone)
     assert not method.target.requires_grad and not any(p.requires_grad for p in method.residuals)
@@ -134,7 +176,7 @@ def test_lora_stage_freezes_tokens_and_caches_prompts():
     cotrain = make_method("conceptprism", "sd15_tiny", "toy2", "method.cotrain_tokens=true")
     cotrain.initialize(backbone, data)
     cotrain.attach(backbone)
-    cotrain.begin_stage(cotrain.stages()[1], backbone)
+    cotrain.begin_stage(cotrain.stages(backbone)[1], backbone)
     assert cotrain.target.requires_grad
 
 

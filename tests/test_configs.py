@@ -60,3 +60,42 @@ def test_unknown_keys_are_refused():
         compose("train", ["+method.lr_typo=1"])
     with pytest.raises(UserError, match="unknown config key 'data.imagez'"):
         compose("train", ["+data.imagez=x"])
+
+
+def test_the_core_never_names_a_method():
+    """src/conceptkit reaches methods only through the registry and the ConceptMethod interface: no
+    import of a method's package, no method-specific loss in the core (DESIGN.md)."""
+    import ast
+    from pathlib import Path
+
+    from conceptkit.registry import method_names
+
+    core = Path(__file__).resolve().parents[1] / "src" / "conceptkit"
+    named = []
+    for path in core.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                      [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            named += [f"{path.relative_to(core)}: {m}" for m in modules
+                      if any(m == f"conceptkit.methods.{name}" or m.startswith(f"conceptkit.methods.{name}.")
+                             for name in method_names())]
+    assert named == []
+
+
+def test_what_suites_tell_a_method_binds_to_its_config():
+    """The bench suites address methods through class_word_overrides / scene_overrides: each override a
+    method declares must compose and reach the constructor argument it names (a rename breaks here,
+    not silently in a 50-minute suite run)."""
+    from conceptkit.config import compose
+    from conceptkit.registry import method_class, method_names
+
+    taken = {}
+    for name in method_names():
+        cls = method_class(name)
+        word = compose("train", [f"method={name}", *cls.class_word_overrides("circle")]).method
+        scene = compose("train", [f"method={name}", *cls.scene_overrides("a {left} and a {right}",
+                                                                          {"left": "circle", "right": "star"})]).method
+        taken[name] = ("circle" in word.values(), dict(scene.get("init_words") or {}))
+        assert not cls.renders_class_word or cls.class_word_overrides("circle"), name
+    assert {n for n, (word, _) in taken.items() if word} == {"lora", "bico"}
+    assert {n: init for n, (_, init) in taken.items() if init} == {"mcpl": {"left": "circle", "right": "star"}}

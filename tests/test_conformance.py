@@ -54,7 +54,7 @@ def test_gradients_reach_only_method_parameters(method_name, backbone_name):
     method.initialize(backbone, data)
     method.attach(backbone)
     _perturb(method)  # LoRA B starts at zero, which would hide A's gradient
-    for stage in method.stages():
+    for stage in method.stages(backbone):
         method.begin_stage(stage, backbone)
         method.zero_grad(set_to_none=True)
         # every image in one batch, so per-image parameters (ConceptPrism's residuals) all take part

@@ -92,7 +92,7 @@ def test_hard_mask_in_training_keeps_gradient_inside_the_mask_only(backbone_name
     data = example_data(backbone, backbone_name)
     method.initialize(backbone, data)
     method.attach(backbone)
-    stage = method.stages()[0]
+    stage = method.stages(backbone)[0]
     method.begin_stage(stage, backbone)
     grads = []
 
@@ -113,7 +113,7 @@ def test_hard_mask_in_training_keeps_gradient_inside_the_mask_only(backbone_name
 
 
 def test_default_mask_sites_are_the_official_16x16_maps_on_sd15():
-    from conceptkit.methods.mcpl import default_mask_sites
+    from conceptkit.attention import word_map_sites
     from conceptkit.attention import AttentionSite
 
     def site(name, i, axis="spatial"):
@@ -123,12 +123,12 @@ def test_default_mask_sites_are_the_official_16x16_maps_on_sd15():
     sd15 = [site(f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2", 0) for b in range(3) for a in range(2)]
     sd15 += [site(f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2", 0) for b in (1, 2, 3) for a in range(3)]
     sd15 += [site("mid_block.attentions.0.transformer_blocks.0.attn2", 0)]
-    assert default_mask_sites(sd15) == [
+    assert word_map_sites(sd15) == [
         "down_blocks.2.attentions.0.transformer_blocks.0.attn2", "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
         "up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
         "up_blocks.1.attentions.2.transformer_blocks.0.attn2"]
     wan = [site(f"blocks.{i}.attn2", i, "spatiotemporal") for i in range(30)]
-    assert default_mask_sites(wan) == ["blocks.10.attn2", "blocks.15.attn2", "blocks.20.attn2"]
+    assert word_map_sites(wan) == ["blocks.10.attn2", "blocks.15.attn2", "blocks.20.attn2"]
 
 
 
@@ -150,7 +150,7 @@ def test_only_the_mask_sites_leave_the_fast_attention_path(monkeypatch):
     backbone.denoiser.register_forward_hook(lambda *a: in_denoiser.clear())
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda *a, **k: (calls.append(1) if in_denoiser else None) or sdpa(*a, **k))
-    method.training_loss(TrainBatch(torch.arange(1), data, torch.Generator().manual_seed(0)), backbone, method.stages()[0])
+    method.training_loss(TrainBatch(torch.arange(1), data, torch.Generator().manual_seed(0)), backbone, method.stages(backbone)[0])
     assert method._site_names == ["down_blocks.0.attentions.0.transformer_blocks.0.attn2",
                                   "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
                                   "up_blocks.1.attentions.1.transformer_blocks.0.attn2"]
@@ -161,7 +161,7 @@ def test_only_the_mask_sites_leave_the_fast_attention_path(monkeypatch):
     method.detach(backbone)
     skip.initialize(backbone, data)
     skip.attach(backbone)
-    skip.training_loss(TrainBatch(torch.arange(1), data, torch.Generator().manual_seed(0)), backbone, skip.stages()[0])
+    skip.training_loss(TrainBatch(torch.arange(1), data, torch.Generator().manual_seed(0)), backbone, skip.stages(backbone)[0])
     assert len(calls) == len(backbone.attention_sites())
 
 
@@ -215,6 +215,20 @@ def test_contrastive_features_are_the_marked_words_and_their_adjectives():
 
 
 # --- sentence, modes, initialisation --------------------------------------------------------
+
+@pytest.mark.parametrize("backbone_name,steps", [("sd15_tiny", 6100), ("wan21_tiny", 3000)])
+def test_the_schedule_depends_on_the_backbone_passed_in_not_on_attach(backbone_name, steps):
+    """stages(backbone) reads the family from its argument: a method that was never attached (what the
+    slow defaults test and `conceptkit bench` ask first) reports the same budget as an attached one."""
+    backbone = make_backbone(backbone_name)
+    fresh = make_method("mcpl", backbone_name)
+    assert [(s.name, s.steps) for s in fresh.stages(backbone)] == [("words", steps)]
+    attached = make_method("mcpl", backbone_name)
+    attached.initialize(backbone, example_data(backbone, backbone_name))
+    attached.attach(backbone)
+    assert attached.stages(backbone) == fresh.stages(backbone)
+    attached.detach(backbone)
+
 
 def test_modes_choose_the_learned_words(tmp_path):
     from PIL import Image

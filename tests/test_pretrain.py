@@ -251,7 +251,7 @@ def test_token_grounding_trains_the_denoiser_and_text_encoder_on_stills_only(tmp
     backbone = instantiate(cfg.backbone).load()
     corpus = build_corpus(6, 0, 1, backbone.resolution, seed=0, object_weights=[0, 1, 0], progress=lambda _: None)
     trainable = BackbonePretraining(backbone, corpus, cfg.vae, cfg.denoiser, 0.0, keep_latent_scale=True)
-    stage = trainable.stages()[1]
+    stage = trainable.stages(backbone)[1]
     trainable.begin_stage(stage, backbone)
     data = TrainingData(latents=None, captions=[None] * 6, names=[str(i) for i in range(6)], frames=1)
     batch = TrainBatch(indices=torch.arange(4), data=data, generator=torch.Generator().manual_seed(0))

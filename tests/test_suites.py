@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from conceptkit.bench.report import matplotlib_available
+
 
 def test_subject_references_and_metrics_on_ground_truth(tmp_path):
     from PIL import Image
@@ -154,6 +156,8 @@ def test_shapes_subject_runs_end_to_end_on_a_tiny_backbone(tmp_path):
         assert (tmp_path / record["grid"]).is_file()
     report = (tmp_path / "report.md").read_text()
     assert "| conceptprism |" in report and "| bico_lr1e3 |" in report
+    html = (tmp_path / "report.html").read_text()  # beside it: the same table, and the plot
+    assert "<td>bico_lr1e3</td>" in html and ("data:image/png;base64," in html) == matplotlib_available()
     # BiCo binds the neutral word, never the references' world captions (which name the held-out factors),
     # and the variant's overrides reach it
     meta = json.loads((tmp_path / "work" / "bico_lr1e3_red_striped_star.concept" / "concept.json").read_text())
@@ -207,6 +211,7 @@ def test_shapes_motion_runs_end_to_end_on_a_tiny_video_backbone(tmp_path):
         assert (tmp_path / record["grid"]).is_file()
     report = (tmp_path / "report.md").read_text()
     assert "| lora_both | lora | - |" in report and "| named_words | none | - |" in report
+    assert "<td>lora_both</td>" in (tmp_path / "report.html").read_text()
 
 
 def test_shapes_motion_needs_a_video_backbone(tmp_path):
@@ -273,6 +278,7 @@ def test_shapes_multi_runs_end_to_end_with_variants_on_a_tiny_backbone(tmp_path)
     assert results["settings"]["variants"]["mcpl_no_reg"] == ["mcpl", "method.mask=skip", "method.contrastive_weight=0"]
     report = (tmp_path / "report.md").read_text()
     assert "| mcpl_no_reg | mcpl | method.mask=skip method.contrastive_weight=0 |" in report
+    assert "<td>mcpl_no_reg</td>" in (tmp_path / "report.html").read_text()
     # the mean mask area: MCPL with masking has one, the unmasked variant and Textual Inversion "-"
     assert "train mask area |" in report
     assert f"looks at its own object: {shares[('mcpl', words[0])]:.2f}" in report

@@ -159,3 +159,67 @@ def test_previews_are_written_during_training(tmp_path):
     with Image.open(tmp_path / "p.concept.partial" / "previews" / previews[0]) as image:
         # three sample prompts, each a row of 5 frames (a video backbone's frame strip)
         assert image.size == (5 * 32, 3 * 32)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_stage_and_step(tmp_path):
+    """lr=1e30 blows LoRA up after the first step: the loss of step 1 is inf/nan. The check runs on the
+    device and is read at the next flush; a checkpoint flushes first, so none holds the blown-up weights."""
+    from conceptkit.training.run import train
+
+    cfg = train_config("lora", "sd15_tiny", "method.lr=1e30", "trainer.max_steps=6", "trainer.log_every=10",
+                       "trainer.checkpoint_every=3", "trainer.progress_bar=false", "sample.count=0",
+                       f"output={tmp_path / 'nan.concept'}")
+    with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at stage lora step 1; lower the learning rate"):
+        train(cfg)
+    assert not (tmp_path / "nan.concept").exists()
+    assert not (tmp_path / "nan.concept.partial" / "checkpoints" / "lora" / "last.ckpt").exists()
+
+
+def _module(stage_name="tokens", accumulate=1):
+    from conceptkit.method import Stage
+    from conceptkit.training.module import ConceptTrainingModule
+
+    stage = Stage(stage_name, steps=4, lr=1e-3, accumulate=accumulate)
+    return ConceptTrainingModule(torch.nn.Linear(1, 1), backbone=None, data=None, stage=stage, stage_index=0, seed=0)
+
+
+class _HostReads:
+    """Counts reads of tensor values on the host (.item(), .tolist(), bool(), float(), int()): on a GPU
+    each one waits for the device."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counting(tensor, *args, _name=name, _original=original):
+                self.calls.append(_name)
+                return _original(tensor, *args)
+
+            monkeypatch.setattr(torch.Tensor, name, counting)
+
+
+def test_loss_terms_stay_on_the_device_until_a_flush_reads_them_once(monkeypatch):
+    """The mechanism behind 'no host sync per step': record_terms (every micro-step) keeps detached
+    device tensors and reads nothing; flush_terms reads the whole buffer in one transfer, averages each
+    step's micro-steps into one row, and raises on the first non-finite loss with its stage and step."""
+    module = _module("tokens", accumulate=2)
+    reads = _HostReads(monkeypatch)
+    losses = [(0, 1.0), (0, 3.0), (1, 2.0), (1, 2.0)]
+    for step, value in losses:
+        module.record_terms(step, {"loss": torch.tensor(value, requires_grad=True) * 1, "rec": torch.tensor(value / 2),
+                                   "map": torch.ones(2, 2)})  # a non-scalar term is not a row's column
+    assert reads.calls == [] and len(module.pending) == 4
+    assert all(not v.requires_grad for _, terms in module.pending for v in terms.values())
+    rows = module.flush_terms()
+    assert reads.calls == ["tolist"]  # one read for the four micro-steps
+    assert rows == [{"step": 0, "loss": 2.0, "rec": 1.0}, {"step": 1, "loss": 2.0, "rec": 1.0}]
+    assert module.pending == [] and module.flush_terms() == [] and module.last_terms == {"loss": 2.0, "rec": 1.0}
+
+    for step, value in [(2, 1.0), (3, float("nan")), (4, float("inf"))]:
+        module.record_terms(step, {"loss": torch.tensor(value)})
+    with pytest.raises(FloatingPointError, match="loss became nan at stage tokens step 3;"):
+        module.flush_terms()
+    assert module.term_means()["loss"] != module.term_means()["loss"]  # the stage means saw the nan too

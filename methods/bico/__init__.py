@@ -7,7 +7,8 @@ encoder's output), through conceptkit's attention `context` hooks:
     one global binder, for every site, and one binder per cross-attention site (Wan: per DiT block).
 
 Where binders act (a (B, L) mask over the context, read from the rows the backbone declares):
-  - training: every real token of the diversified training prompt except BOS/EOS (official);
+  - training: every real token of the diversified training prompt except BOS, and the EOS slot only
+    when it holds the absorbent token (official; `binders_on_absorbent=false` leaves that slot out);
   - inference: only the positions of this concept's token `<name>` (what `{name}` renders to: the
     concept's description, through token rows equal to the description words' own embeddings, so the
     text encoder sees exactly the description); never the unconditional (negative) rows of a guided
@@ -37,11 +38,13 @@ from torch import nn
 
 from conceptkit.captioning import Decoding
 from conceptkit.embeddings import owner_id
+from conceptkit.attention import ContextRows
 from conceptkit.errors import UserError
 from conceptkit.method import ConceptMethod, Stage, TrainBatch, TrainingData
 from conceptkit.methods.bico.binders import (GATES, Binder, DualBranchBinder, SiteBinderHook, bind_block, bind_global,
                                              write_absorbent)
 from conceptkit.methods.bico.cache import GlobalBinding, SiteSharedCache
+from conceptkit.methods.bico.encoded import EncodedPrompts
 from conceptkit.methods.bico.diversify import concept_phrases, diversified_prompts, per_frame_prompts
 from conceptkit.methods.bico.schedule import SIDES, opposite, side_timesteps
 from conceptkit.methods.bico.temporal import frame_images, frames_as_images
@@ -79,12 +82,18 @@ def check_vlm_decoding(temperature: float, top_k: int, top_p: float) -> None:
 class BiCo(ConceptMethod):
     name = "bico"
     version = "2"  # 2: temporal disentanglement (video concepts hold dual-branch binders)
+    renders_class_word = True  # prompts render the description in the concept's place
+
+    @classmethod
+    def class_word_overrides(cls, word):
+        return [f"method.description={word}"]
 
     def __init__(self, concept_name: str = "concept", description: str | None = None,
                  prompts: list[str] | None = None, prompt_count: int = 60, vlm: str | None = None,
                  vlm_sampling: bool = True, vlm_temperature: float = 0.7, vlm_top_k: int = 50,
                  vlm_top_p: float = 0.95, per_block_binders: bool = True, absorbent: bool = True,
-                 global_steps: int = 120, all_steps: int = 180, lr: float = 1e-4, weight_decay: float = 1e-2, batch_size: int = 1,
+                 binders_on_absorbent: bool = True, global_steps: int = 120, all_steps: int = 180,
+                 lr: float = 1e-4, weight_decay: float = 1e-2, batch_size: int = 1,
                  accumulate: int = 8, grad_clip: float | None = None, timestep_boundary: float = 417.0,
                  global_stage_favours: str = "low", favoured_fraction: float = 0.8, two_stage: bool = True,
                  temporal_disentanglement: bool = True, gate: str = "sigmoid", frame_prompts: list[str] | None = None,
@@ -95,6 +104,7 @@ class BiCo(ConceptMethod):
         self.vlm_sampling, self.vlm_temperature, self.vlm_top_k, self.vlm_top_p = (
             vlm_sampling, float(vlm_temperature), vlm_top_k, float(vlm_top_p))
         self.per_block_binders, self.use_absorbent = per_block_binders, absorbent
+        self.binders_on_absorbent = binders_on_absorbent
         self.global_steps, self.all_steps, self.lr, self.weight_decay = global_steps, all_steps, lr, weight_decay
         self.batch_size, self.accumulate, self.grad_clip = batch_size, accumulate, grad_clip
         self.timestep_boundary, self.global_stage_favours = float(timestep_boundary), global_stage_favours
@@ -134,6 +144,7 @@ class BiCo(ConceptMethod):
         self._global_only = False  # a `global` stage: training rows skip the per-block binders (official)
         self._spatial_only = False  # stage 1 of a video concept: dual binders act through their spatial branch
         self._checkpointing_was: bool | None = None
+        self._encoded: EncodedPrompts | None = None  # the training prompts' context (begin_stage; training only)
 
     # identity --------------------------------------------------------------------------------
     def hparams(self):
@@ -141,7 +152,8 @@ class BiCo(ConceptMethod):
                     prompt_count=self.prompt_count, vlm=self.vlm, vlm_sampling=self.vlm_sampling,
                     vlm_temperature=self.vlm_temperature, vlm_top_k=self.vlm_top_k, vlm_top_p=self.vlm_top_p,
                     per_block_binders=self.per_block_binders,
-                    absorbent=self.use_absorbent, global_steps=self.global_steps, all_steps=self.all_steps,
+                    absorbent=self.use_absorbent, binders_on_absorbent=self.binders_on_absorbent,
+                    global_steps=self.global_steps, all_steps=self.all_steps,
                     lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
                     accumulate=self.accumulate, grad_clip=self.grad_clip, timestep_boundary=self.timestep_boundary,
                     global_stage_favours=self.global_stage_favours, favoured_fraction=self.favoured_fraction,
@@ -330,6 +342,7 @@ class BiCo(ConceptMethod):
             self._set_checkpointing(backbone, self._checkpointing_was)
             self._checkpointing_was = None
         self._global_bindings.clear()
+        self._encoded = None
         self._backbone = None
 
     def _description_rows(self, backbone) -> torch.Tensor:
@@ -349,7 +362,11 @@ class BiCo(ConceptMethod):
         """(B, L) bool: where this concept's binders act for these context rows."""
         if self._on_training_rows(rows):
             mask = rows.attention_mask.bool().clone()
-            mask[torch.arange(mask.shape[0]), rows.eos_index] = False
+            # The EOS slot holds the absorbent token in training. The official code adds that slot to
+            # the binder mask, so the binders transform the absorbent token too (binders_on_absorbent);
+            # without an absorbent token the EOS feature is left alone, as there.
+            if self.absorbent_token is None or not self.binders_on_absorbent:
+                mask[torch.arange(mask.shape[0]), rows.eos_index] = False
             if backbone.tokens.has_bos:
                 mask[:, 0] = False
         else:
@@ -399,7 +416,7 @@ class BiCo(ConceptMethod):
         return binder.spatial if self._spatial_only else binder
 
     # training --------------------------------------------------------------------------------
-    def stages(self):
+    def stages(self, backbone):
         common = dict(lr=self.lr, batch_size=self.batch_size, accumulate=self.accumulate, grad_clip=self.grad_clip,
                       weight_decay=self.weight_decay)
         # (prefix, global steps, all steps): images (and clips trained whole) one pair; video concepts
@@ -443,6 +460,9 @@ class BiCo(ConceptMethod):
                 self._acting(binder).requires_grad_(True)
         if self.absorbent_token is not None:
             self.absorbent_token.requires_grad_(True)
+        prompts = [p for candidates in self.frame_training_prompts for p in candidates] + list(self.training_prompts)
+        if prompts and (self._encoded is None or not self._encoded.matches(prompts)):
+            self._encoded = EncodedPrompts(backbone, prompts)  # fixed text, frozen encoder: once, not per step
         if self.gradient_checkpointing and self._checkpointing_was is None:
             self._checkpointing_was = bool(getattr(backbone.denoiser, "is_gradient_checkpointing", False))
             self._set_checkpointing(backbone, True)
@@ -476,7 +496,12 @@ class BiCo(ConceptMethod):
             timesteps = side_timesteps(backbone, n, self.timestep_boundary, self.stage_favours(stage.name),
                                        self.favoured_fraction, generator)
         noisy = backbone.make_noisy(latents, generator, timesteps=timesteps)
-        context, _ = backbone.encode_text(prompts)  # declares the rows the binders read
+        if self._encoded is not None and self._encoded.matches(prompts):
+            context, tokenized = self._encoded.take(prompts)
+            context = context.to(noisy.noisy.device)
+        else:  # prompts begin_stage did not see (a caller that changed them): encode now
+            context, tokenized = backbone.encode_text(prompts)
+        backbone.hooks.declare_rows(ContextRows.conditional(tokenized))  # the rows the binders read (a new object)
         # Training mode follows these rows, not a flag around the call: checkpointed blocks recompute in
         # backward, after this returns, and must bind as their forward did. Declaring other rows
         # (encode_text, generate: previews, inference) ends it.

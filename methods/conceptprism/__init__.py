@@ -7,7 +7,9 @@ Stage 1 ("tokens", frozen backbone):
     L_rec  = MSE(eps_hat(z_t^i, "<target> <residual_i>"), eps)
     L_excl = mean over K anchors j != i of MSE(eps_hat(z_t^j, "<residual_i>"), sg[eps_hat(z_t^j, "")])
     Each anchor has its own posterior sample, noise and timestep; the residual and null predictions of
-    an anchor share them. Reconstruction, K residual and K null predictions run as ONE denoiser call.
+    an anchor share them. The K null predictions are targets: by default (`null_predictions=no_grad`,
+    as the official code) they run in their own call under no_grad, so backward covers K + 1 rows;
+    `null_predictions=batched` runs all 2K + 1 rows as one denoiser call (one launch, larger graph).
 Stage 2 ("lora"): L_rec only, LoRA on to_q/to_k/to_v/to_out.0, tokens frozen (option: co-train).
 Defaults from the official code; see README.md beside this file for every value's source.
 """
@@ -21,7 +23,13 @@ from conceptkit.embeddings import (attach_lora, diffusers_lora_state_dict, mean_
                                    vocabulary_statistics_init)
 from conceptkit.errors import UserError
 from conceptkit.method import ConceptMethod, Stage, TrainBatch, TrainingData
-from conceptkit.training.losses import denoising_loss, exclusion_loss, sample_others
+from conceptkit.methods.conceptprism.losses import exclusion_loss, sample_others
+from conceptkit.training.losses import denoising_loss
+
+
+# How the exclusion loss's null predictions run (identical losses and gradients; speed differs):
+# no_grad: a second denoiser call without autograd (the official code); batched: one call of 2K + 1 rows.
+NULL_PREDICTIONS = ("no_grad", "batched")
 
 
 class ConceptPrism(ConceptMethod):
@@ -33,7 +41,7 @@ class ConceptPrism(ConceptMethod):
                  lora_lr: float = 4e-4, lora_accumulate: int = 4, lora_rank: int = 4, lora_alpha: float = 4.0,
                  lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
                  cotrain_tokens: bool = False, grad_clip: float | None = 1.0, weight_decay: float = 1e-2,
-                 init_seed: int = 0, fallback_caption: str = "a photo"):
+                 init_seed: int = 0, fallback_caption: str = "a photo", null_predictions: str = "no_grad"):
         super().__init__(concept_name)
         self.residual_vectors, self.anchors, self.beta = residual_vectors, anchors, beta
         self.token_steps, self.token_lr = token_steps, token_lr
@@ -43,6 +51,9 @@ class ConceptPrism(ConceptMethod):
         self.grad_clip, self.weight_decay = grad_clip, weight_decay
         self.init_seed = init_seed
         self.fallback_caption = fallback_caption
+        if null_predictions not in NULL_PREDICTIONS:
+            raise UserError(f"method.null_predictions={null_predictions!r}: choose one of {', '.join(NULL_PREDICTIONS)}")
+        self.null_predictions = null_predictions
         self.num_images = 0
         self.target: nn.Parameter | None = None
         self.residuals = nn.ParameterList()
@@ -57,7 +68,8 @@ class ConceptPrism(ConceptMethod):
                     lora_lr=self.lora_lr, lora_accumulate=self.lora_accumulate, lora_rank=self.lora_rank,
                     lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets),
                     cotrain_tokens=self.cotrain_tokens, grad_clip=self.grad_clip, weight_decay=self.weight_decay,
-                    init_seed=self.init_seed, fallback_caption=self.fallback_caption)
+                    init_seed=self.init_seed, fallback_caption=self.fallback_caption,
+                    null_predictions=self.null_predictions)
 
     def export_info(self):
         return {"num_images": self.num_images}
@@ -116,7 +128,7 @@ class ConceptPrism(ConceptMethod):
         backbone.remove_lora(owner)
 
     # training --------------------------------------------------------------------------------
-    def stages(self):
+    def stages(self, backbone):
         stages = [Stage("tokens", steps=self.token_steps, lr=self.token_lr, grad_clip=self.grad_clip,
                         weight_decay=self.weight_decay)]
         if self.lora_steps > 0:
@@ -158,11 +170,18 @@ class ConceptPrism(ConceptMethod):
         residual_prompts = [self.residual_token(i) for i in owners]
         context, _ = backbone.encode_text(rec_prompts + residual_prompts)
         null = self._null_context.expand(k, -1, -1).to(context.device)
-        # One denoiser call: [reconstruction | residual_i on z_j | null on the same z_j].
-        model_input = torch.cat([noisy.noisy, noisy.noisy[n:]])
-        timesteps = torch.cat([noisy.timesteps, noisy.timesteps[n:]])
-        prediction = backbone.denoise(model_input, timesteps, torch.cat([context, null]))
-        rec_pred, residual_pred, null_pred = prediction.split([n, k, k])
+        if self.null_predictions == "batched":
+            # One denoiser call: [reconstruction | residual_i on z_j | null on the same z_j].
+            model_input = torch.cat([noisy.noisy, noisy.noisy[n:]])
+            timesteps = torch.cat([noisy.timesteps, noisy.timesteps[n:]])
+            prediction = backbone.denoise(model_input, timesteps, torch.cat([context, null]))
+            rec_pred, residual_pred, null_pred = prediction.split([n, k, k])
+        else:
+            # The null rows are stop-gradient targets: computing them outside the graph keeps their
+            # activations out of memory and their rows out of backward.
+            with torch.no_grad():
+                null_pred = backbone.denoise(noisy.noisy[n:], noisy.timesteps[n:], null)
+            rec_pred, residual_pred = backbone.denoise(noisy.noisy, noisy.timesteps, context).split([n, k])
         rec = denoising_loss(rec_pred, noisy.target[:n])
         excl = exclusion_loss(residual_pred, null_pred)
         return {"loss": rec + self.beta * excl, "rec": rec, "excl": excl}
@@ -172,7 +191,7 @@ class ConceptPrism(ConceptMethod):
         latents = batch.data.latents.sample(indices, batch.generator)
         noisy = backbone.make_noisy(latents, batch.generator)
         if self._reconstruction_context is not None:
-            context = self._reconstruction_context[indices.to(self._reconstruction_context.device)]
+            context = self._reconstruction_context[indices.to(self._reconstruction_context.device, non_blocking=True)]
         else:
             context = backbone.encode_text([self._reconstruction_prompt(int(i)) for i in indices])[0]
         prediction = backbone.denoise(noisy.noisy, noisy.timesteps, context.to(noisy.noisy.device))

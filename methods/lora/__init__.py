@@ -19,6 +19,10 @@ class DreamBoothLoRA(ConceptMethod):
     name = "lora"
     version = "1"
 
+    @classmethod
+    def class_word_overrides(cls, word):
+        return [f"method.class_noun={word}"]
+
     def __init__(self, concept_name: str = "concept", identifier: str = "sks", class_noun: str = "object",
                  rank: int = 4, alpha: float | None = None,
                  target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
@@ -82,7 +86,7 @@ class DreamBoothLoRA(ConceptMethod):
     def detach(self, backbone) -> None:
         backbone.remove_lora(owner_id(self.concept_name))
 
-    def stages(self):
+    def stages(self, backbone):
         return [Stage("lora", steps=self.steps, lr=self.lr, batch_size=self.batch_size, accumulate=self.accumulate,
                       grad_clip=self.grad_clip, weight_decay=self.weight_decay)]
 

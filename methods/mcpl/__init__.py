@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from conceptkit.attention import CrossAttentionMaps, maps_on_latent_grid
+from conceptkit.attention import CrossAttentionMaps, maps_on_latent_grid, word_map_sites
 from conceptkit.embeddings import owner_id, vocabulary_statistics_init, word_init
 from conceptkit.errors import UserError
 from conceptkit.method import ConceptMethod, Stage, TrainBatch, TrainingData
@@ -44,6 +44,11 @@ class MCPL(ConceptMethod):
     name = "mcpl"
     version = "1"
 
+    @classmethod
+    def scene_overrides(cls, sentence, init_words):
+        words = ",".join(f"{word}:{init}" for word, init in init_words.items())
+        return [f"method.sentence='{sentence}'", f"method.init_words={{{words}}}"]
+
     def __init__(self, concept_name: str = "concept", sentence: str = "a photo of a {object} on a {background}",
                  mode: str = "one", init_words: dict[str, str | None] | None = None,
                  adjectives: dict[str, str] | None = None, stop_words: tuple[str, ...] = STOP_WORDS,
@@ -65,7 +70,6 @@ class MCPL(ConceptMethod):
         self.init_seed = init_seed
         self.relations: list[str] = []  # mode diverse: the relation word of each image (data-derived)
         self.vectors = nn.ParameterDict()  # learned word -> (1, d)
-        self._family: str | None = None
         self._site_names: list[str] = []
 
     # identity --------------------------------------------------------------------------------
@@ -151,7 +155,6 @@ class MCPL(ConceptMethod):
         owner = owner_id(self.concept_name)
         for word in words:
             backbone.tokens.register(owner, self.token(word), self.vectors[word])
-        self._family = backbone.family
         try:
             self._check_adjectives()
             self._check_fits(backbone)
@@ -181,15 +184,15 @@ class MCPL(ConceptMethod):
         if self.mask_sites is not None:
             chosen = [s.name for s in cross if any(s.name == p or s.name.startswith(p + ".") for p in self.mask_sites)]
         else:
-            chosen = default_mask_sites(cross)
+            chosen = word_map_sites(cross)  # the official 16x16 maps on SD1.5
         if not chosen:
             raise UserError(f"method.mask_sites {self.mask_sites} match no cross-attention site of this backbone; "
                             f"choose from {', '.join(s.name for s in cross)}")
         return chosen
 
     # training --------------------------------------------------------------------------------
-    def stages(self):
-        steps = self.steps if self.steps is not None else FAMILY_STEPS.get(self._family, FAMILY_STEPS["sd15"])
+    def stages(self, backbone):
+        steps = self.steps if self.steps is not None else FAMILY_STEPS.get(backbone.family, FAMILY_STEPS["sd15"])
         lr = self.lr if self.lr is not None else BASE_LR_PER_SAMPLE * self.batch_size
         return [Stage("words", steps=steps, lr=lr, batch_size=self.batch_size, grad_clip=self.grad_clip,
                       weight_decay=self.weight_decay)]
@@ -304,24 +307,6 @@ class MCPL(ConceptMethod):
     def sample_prompts(self):
         return ["a photo of {%s}" % self.concept_name] + \
                ["a photo of {%s/%s}" % (self.concept_name, w) for w in self.marked_words()]
-
-
-def default_mask_sites(cross_sites) -> list[str]:
-    """The cross-attention sites MCPL reads when mask_sites is null.
-
-    UNets (spatial sites): the grid one level finer than the coarsest, i.e. down_blocks.{L-2} and
-    up_blocks.1 for an L-level UNet: on SD1.5 (L = 4) the 16x16 maps at 512 px, the official choice.
-    L is the number of up blocks (the last, finest one always holds attention).
-    DiTs (spatiotemporal sites, one grid): the blocks at 1/3, 1/2 and 2/3 of the depth (ours)."""
-    if not cross_sites:
-        return []
-    if cross_sites[0].token_axis == "spatial":
-        levels = 1 + max(int(s.name.split(".")[1]) for s in cross_sites if s.name.startswith("up_blocks."))
-        prefixes = (f"down_blocks.{levels - 2}.", "up_blocks.1.")
-        return [s.name for s in cross_sites if s.name.startswith(prefixes)]
-    depth = 1 + max(s.block_index for s in cross_sites)
-    chosen = {depth // 3, depth // 2, (2 * depth) // 3}
-    return [s.name for s in cross_sites if s.block_index in chosen]
 
 
 METHOD = MCPL

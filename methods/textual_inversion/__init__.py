@@ -65,7 +65,7 @@ class TextualInversion(ConceptMethod):
     def detach(self, backbone) -> None:
         backbone.tokens.unregister(owner_id(self.concept_name))
 
-    def stages(self):
+    def stages(self, backbone):
         # diffusers scales the base lr by batch size x accumulation (x GPUs) when --scale_lr is set.
         lr = self.lr * self.batch_size * self.accumulate if self.scale_lr else self.lr
         return [Stage("embedding", steps=self.steps, lr=lr, batch_size=self.batch_size, accumulate=self.accumulate,

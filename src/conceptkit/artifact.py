@@ -9,6 +9,8 @@
                       where the method has them: the same tensors in the layouts diffusers loads
                       (`load_textual_inversion`, `load_lora_weights`), for use outside conceptkit
   samples/            images or clips rendered at the end of training
+  logs/               the training logs, one folder per stage (metrics.csv: every loss term per step;
+                      TensorBoard events with trainer.logger=tensorboard); not read when loading
 
 No pickle anywhere. Loading is strict and every mismatch is one UserError sentence. Writing goes to a
 temporary sibling folder that is renamed into place, so a crash never leaves half an artifact.
@@ -32,7 +34,7 @@ FORMAT_VERSION = 1
 
 def write_concept(folder: Path, method, backbone, config_yaml: str, training: dict[str, Any],
                   samples: torch.Tensor | None = None, sample_prompts: list[str] | None = None,
-                  fps: int = 16, overwrite: bool = False) -> Path:
+                  fps: int = 16, overwrite: bool = False, logs: Path | None = None) -> Path:
     from safetensors.torch import save_file
 
     from conceptkit.media import save_media
@@ -65,6 +67,8 @@ def write_concept(folder: Path, method, backbone, config_yaml: str, training: di
     if samples is not None:
         save_media(samples, staging / "samples", "sample", fps=fps)
         (staging / "samples" / "prompts.json").write_text(json.dumps(sample_prompts or [], indent=2) + "\n")
+    if logs is not None and Path(logs).is_dir():
+        shutil.copytree(logs, staging / "logs")
     if folder.exists():
         shutil.rmtree(folder)
     staging.rename(folder)

@@ -292,3 +292,22 @@ class WanAttnProcessor:
             hidden_states = hidden_states + hidden_states_img
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+
+def word_map_sites(cross_sites) -> list[str]:
+    """The cross-attention sites whose maps say where a word lands: MCPL's default mask sites, and
+    the sites the word-attention diagnostics read (bench/).
+
+    UNets (spatial sites): the grid one level finer than the coarsest, i.e. down_blocks.{L-2} and
+    up_blocks.1 for an L-level UNet: on SD1.5 (L = 4) the 16x16 maps at 512 px, the official choice.
+    L is the number of up blocks (the last, finest one always holds attention).
+    DiTs (spatiotemporal sites, one grid): the blocks at 1/3, 1/2 and 2/3 of the depth (ours)."""
+    if not cross_sites:
+        return []
+    if cross_sites[0].token_axis == "spatial":
+        levels = 1 + max(int(s.name.split(".")[1]) for s in cross_sites if s.name.startswith("up_blocks."))
+        prefixes = (f"down_blocks.{levels - 2}.", "up_blocks.1.")
+        return [s.name for s in cross_sites if s.name.startswith(prefixes)]
+    depth = 1 + max(s.block_index for s in cross_sites)
+    chosen = {depth // 3, depth // 2, (2 * depth) // 3}
+    return [s.name for s in cross_sites if s.block_index in chosen]

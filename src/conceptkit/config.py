@@ -38,6 +38,8 @@ class TrainerSettings:
     preview_every: int = 0
     progress_bar: bool = True
     keep_checkpoints: bool = False
+    logger: str = "csv"
+    log_every: int = 10
 
 
 @dataclass

@@ -7,7 +7,7 @@ hooks, PEFT adapters, token rows) and `detach` undoes exactly that.
 
 Life cycle
   training:  m = Method(**cfg); m.initialize(backbone, data); m.attach(backbone);
-             for stage in m.stages(): m.begin_stage(stage, backbone);
+             for stage in m.stages(backbone): m.begin_stage(stage, backbone);
                  ... m.training_loss(TrainBatch(..., data=m.stage_data(stage, data)), ...)
   loading:   m = Method(**hparams); m.import_info(info); m.attach(backbone); m.load_state_dict(tensors)
 """
@@ -56,7 +56,9 @@ class TrainingData:
 
 @dataclass
 class TrainBatch:
-    indices: torch.Tensor  # (B,) items of TrainingData for this micro-step
+    # (B,) items of TrainingData for this micro-step: a CPU tensor (int(i) / .tolist() cost no device
+    # sync); move it with .to(device, non_blocking=True) only where it indexes a device tensor.
+    indices: torch.Tensor
     data: TrainingData
     generator: torch.Generator  # all randomness of the micro-step: makes resumed runs reproduce exactly
     extras: dict[str, Any] = field(default_factory=dict)
@@ -98,7 +100,10 @@ class ConceptMethod(nn.Module):
         raise NotImplementedError
 
     # training ----------------------------------------------------------------------------------
-    def stages(self) -> list[Stage]:
+    def stages(self, backbone) -> list[Stage]:
+        """The training schedule: a function of the method's own settings (and data-derived facts set
+        by initialize / import_info, e.g. BiCo's clip length) and of the backbone passed in (budgets
+        that differ per family), never of state that only attach sets."""
         raise NotImplementedError
 
     def begin_stage(self, stage: Stage, backbone) -> None:
@@ -117,6 +122,25 @@ class ConceptMethod(nn.Module):
     def training_loss(self, batch: TrainBatch, backbone, stage: Stage) -> dict[str, torch.Tensor]:
         """Returns {"loss": scalar, ...other scalars to log}."""
         raise NotImplementedError
+
+    # what benchmark suites may tell a method (bench/ never names a method) ---------------------
+    # True where the class word IS what prompts render for the concept (BiCo's description) rather
+    # than a word beside a learned identifier (DreamBooth's class noun). Such a method is told a
+    # neutral word and given no captions in the quality suites: naming the held-out object would
+    # score the base model, not the learning.
+    renders_class_word: ClassVar[bool] = False
+
+    @classmethod
+    def class_word_overrides(cls, word: str) -> list[str]:
+        """Config overrides that give this method the concept's class word; [] if it takes none."""
+        return []
+
+    @classmethod
+    def scene_overrides(cls, sentence: str, init_words: dict[str, str]) -> list[str]:
+        """Config overrides for a method that learns one word per `{word}` of a sentence describing one
+        image (MCPL), each word starting from its init word; [] for methods that learn no words from
+        a sentence."""
+        return []
 
     # inference -------------------------------------------------------------------------------
     def prompt(self, text: str) -> str:

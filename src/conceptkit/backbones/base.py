@@ -29,8 +29,10 @@ class LatentDistribution:
     std: torch.Tensor
 
     def sample(self, index: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        # index: a CPU tensor (TrainBatch.indices); host->device copies without a blocking stream sync
+        index = index.to(self.mean.device, non_blocking=True)
         mean, std = self.mean[index], self.std[index]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device, non_blocking=True)
         return mean + std * noise
 
     def to(self, device) -> "LatentDistribution":

@@ -119,10 +119,17 @@ class Wan21Backbone(Backbone):
 
     def encode_tokens(self, tokenized: TokenizedPrompts) -> torch.Tensor:
         device = self.text_encoder.device
-        mask = tokenized.attention_mask.to(device)
-        hidden = self.text_encoder(tokenized.input_ids.to(device), attention_mask=mask).last_hidden_state
-        # As WanPipeline: positions past each prompt's length are zeros, not encoder outputs.
-        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        # UMT5 has no absolute positions and masks padding keys, so the real tokens' states do not depend
+        # on how much padding follows: encode only up to the longest prompt (a few dozen of the 512
+        # positions) and zero-pad afterwards. As WanPipeline: positions past each prompt's length are
+        # zeros, not encoder outputs. The mask is read on the host (tokenizer output), so no device sync.
+        full_mask = tokenized.attention_mask
+        real = full_mask.bool().any(dim=0).nonzero()
+        length = int(real.max()) + 1 if len(real) else 1
+        mask = full_mask[:, :length].to(device)
+        hidden = self.text_encoder(tokenized.input_ids[:, :length].to(device), attention_mask=mask).last_hidden_state
+        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.pad(hidden, (0, 0, 0, full_mask.shape[1] - length))
 
     def encode_media(self, pixels: torch.Tensor, batch_size: int = 4) -> LatentDistribution:
         frames = pixels.shape[2]

@@ -63,15 +63,9 @@ def check_case_count(count: int) -> None:
 
 def source_overrides(method_name: str, role: str) -> list[str]:
     """The neutral word a word-rendering method gets for one source (see the module docstring)."""
-    from conceptkit.config import compose
+    from conceptkit.registry import method_class
 
-    word = SUBJECT_WORD if role == "subject" else MOTION_WORD
-    method_cfg = compose("train", [f"method={method_name}"]).method
-    if "description" in method_cfg:
-        return [f"method.description={word}"]
-    if "class_noun" in method_cfg:
-        return [f"method.class_noun={word}"]
-    return []
+    return method_class(method_name).class_word_overrides(SUBJECT_WORD if role == "subject" else MOTION_WORD)
 
 
 def score_composed(clips: list[np.ndarray], case: MotionCase, requested: list[str], source_colours: set[str]

@@ -122,5 +122,17 @@ def run_base_quality(cfg) -> Path:
         lines += [f"## {split}", "", "| " + " | ".join(values) + " |", "|---" * len(values) + "|",
                   "| " + " | ".join(str(v) for v in values.values()) + " |", ""]
     (output / "results.md").write_text("\n".join(lines) + "\n")
+    from conceptkit.bench.report import write_html_report
+
+    write_html_report(output, f"base quality of {cfg.suite_backbone}", "\n".join(lines) + "\n", quality_charts(results))
     print("\n".join(lines))
     return output
+
+
+def quality_charts(results: dict) -> list:
+    """One bar per oracle metric (accuracy in [0, 1]), one series per split (vae_reconstruction, pretrain, heldout)."""
+    from conceptkit.bench.report import BarChart
+
+    metrics = list(dict.fromkeys(k for values in results.values() for k in values if k != "samples"))
+    series = {split: [values.get(m) for m in metrics] for split, values in results.items()}
+    return [BarChart("oracle accuracy per metric", metrics, series, "accuracy")]

@@ -3,7 +3,8 @@
 Each pair runs in its own subprocess (`python -m conceptkit.bench.speed <json>`), so one pair's memory
 never inflates another's. Inside, the method's real training step (its `training_loss`, backward,
 clipping, AdamW step, with the stage's gradient accumulation) is timed after warm-up steps; the
-Lightning loop around it is left out. Memory: on CUDA the allocator's peak during the timed steps;
+Lightning loop around it is left out. Writes results.json, results.md and report.html (the table
+and bar charts of step time and memory). Memory: on CUDA the allocator's peak during the timed steps;
 on CPU the process's peak resident set sampled every 2 ms during the timed steps, and that peak
 minus the resident set just before them (what the steps themselves need).
 """
@@ -72,7 +73,7 @@ def measure_pair(method_name: str, backbone_name: str, steps: int, warmup: int, 
     method.to(device)
     autocast_dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
     records = []
-    for stage_index, stage in enumerate(method.stages()):
+    for stage_index, stage in enumerate(method.stages(backbone)):
         method.begin_stage(stage, backbone)
         stage_data = method.stage_data(stage, data)
         params = [p for g in method.param_groups(stage) for p in g["params"]]
@@ -82,8 +83,7 @@ def measure_pair(method_name: str, backbone_name: str, steps: int, warmup: int, 
         def optimizer_step():
             nonlocal micro
             for _ in range(stage.accumulate):
-                batch = TrainBatch(indices=batch_indices(0, stage_index, micro, stage.batch_size,
-                                                         stage_data.count).to(device),
+                batch = TrainBatch(indices=batch_indices(0, stage_index, micro, stage.batch_size, stage_data.count),
                                    data=stage_data, generator=micro_step_generator(0, stage_index, micro))
                 with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss = method.training_loss(batch, backbone, stage)["loss"]
@@ -173,9 +173,29 @@ def run_bench(cfg) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = _table(rows)
-    (output / "results.md").write_text("# conceptkit bench: training step\n\n" + table + "\n")
+    markdown = "# conceptkit bench: training step\n\n" + table + "\n"
+    (output / "results.md").write_text(markdown)
+    from conceptkit.bench.report import write_html_report
+
+    write_html_report(output, "conceptkit bench: training step", markdown, speed_charts(rows))
     print(table)
     return output
+
+
+def speed_charts(rows: list[dict]) -> list:
+    """Step time and peak memory, one group per method/stage, one bar per backbone."""
+    from conceptkit.bench.report import BarChart
+
+    categories = list(dict.fromkeys(f"{r['method']}/{r['stage']}" for r in rows))
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+
+    def series(key):
+        found = {(r["backbone"], f"{r['method']}/{r['stage']}"): r.get(key) for r in rows}
+        return {b: [found.get((b, c)) for c in categories] for b in backbones}
+
+    device = ", ".join(sorted({r["device"] for r in rows}))
+    return [BarChart(f"optimiser step time ({device})", categories, series("step_seconds"), "seconds"),
+            BarChart("peak memory", categories, series("peak_memory_mb"), "MB")]
 
 
 if __name__ == "__main__":

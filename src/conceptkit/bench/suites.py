@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from conceptkit import registry
 from conceptkit.errors import UserError
 from conceptkit.world.factors import TOY_ORIENTATION
 
@@ -155,18 +156,18 @@ def _train(method: str, backbone: list[str], case: SubjectCase, output: Path, st
                  f"output={output}", "sample.count=0", "trainer.progress_bar=false", f"seed={seed}", "overwrite=true"]
     if steps is not None:
         overrides.append(f"trainer.max_steps={steps}")
-    method_cfg = compose("train", [f"method={method}"]).method
-    if "class_noun" in method_cfg:
-        # Methods that name a class (DreamBooth's protocol: identifier + class noun) get the concept's shape.
-        overrides.append(f"method.class_noun={case.combo[0]}")
-    if "description" in method_cfg:
-        # A method that renders the concept as its description (BiCo) gets the neutral word and no captions
-        # [ours]: the references' world captions name the held-out shape, colour and pattern, which the toy
-        # text encoder knows, so they would score the base model, not the binding (shapes_motion's rule;
-        # its sources carry no captions). An empty caption is no caption (data.py).
+    method_class = registry.method_class(method)
+    if method_class.renders_class_word:
+        # A method that renders the concept as its class word (BiCo's description) gets the neutral word
+        # and no captions [ours]: the references' world captions name the held-out shape, colour and
+        # pattern, which the toy text encoder knows, so they would score the base model, not the binding
+        # (shapes_motion's rule; its sources carry no captions). An empty caption is no caption (data.py).
         no_captions = case.folder.parent / f"{case.name}_no_captions.json"
         no_captions.write_text(json.dumps({f.name: "" for f in sorted(case.folder.glob("*.png"))}) + "\n")
-        overrides += [f"method.description={NEUTRAL_SUBJECT_WORD}", f"data.captions={no_captions}"]
+        overrides += [*method_class.class_word_overrides(NEUTRAL_SUBJECT_WORD), f"data.captions={no_captions}"]
+    else:
+        # Methods that name a class beside their identifier (DreamBooth's protocol) get the concept's shape.
+        overrides += method_class.class_word_overrides(case.combo[0])
     started = time.time()
     folder = train(compose("train", [*overrides, *extra]))  # the variant's and the user's overrides last: they win
     return folder, time.time() - started
@@ -301,7 +302,18 @@ def write_suite_results(output: Path, suite: str, cfg, records: list[dict], note
         lines.append("rows: " + " | ".join(r["prompts"]))
         lines.append("")
     (output / "report.md").write_text("\n".join(lines) + "\n")
+    series = {label: [_mean_or_none([r[m] for r in records if r.get("variant", r["method"]) == label])
+                      for m in SUBJECT_METRICS] for label in labels}
+    write_variant_report(output, suite, "\n".join(lines) + "\n", list(SUBJECT_METRICS), series)
     print("\n".join(lines[:6 + len(labels)]))
+
+
+def write_variant_report(output: Path, suite: str, markdown: str, metrics: list[str], series: dict) -> None:
+    """report.html beside report.md: its tables, and one bar per metric and variant (means)."""
+    from conceptkit.bench.report import BarChart, write_html_report
+
+    write_html_report(output, f"conceptkit bench: {suite}", markdown,
+                      [BarChart(f"{suite}: mean per variant", metrics, series, "score")])
 
 
 # --- shapes_multi, and the references of shapes_motion (its runner: motion.py) ---------------------
@@ -443,13 +455,13 @@ def base_word_shares(backbone, case: MultiCase, seed: int) -> list[float]:
     from PIL import Image
 
     from conceptkit.bench.word_attention import own_object_shares
-    from conceptkit.methods.mcpl import default_mask_sites
+    from conceptkit.attention import word_map_sites
 
     nouns = [combo[0] for combo in case.combos]
     sentence = case.sentence
     for word, noun in zip(case.words, nouns):
         sentence = sentence.replace("{%s}" % word, noun)
-    sites = default_mask_sites([s for s in backbone.attention_sites() if s.kind == "cross"])
+    sites = word_map_sites([s for s in backbone.attention_sites() if s.kind == "cross"])
     image = np.asarray(Image.open(case.image).convert("RGB"))
     return own_object_shares(backbone, image, case.masks, sentence, nouns, sites, seed=seed)
 
@@ -485,17 +497,16 @@ def run_multi_suite(cfg) -> Path:
                      "trainer.progress_bar=false", f"seed={cfg.seed}", "overwrite=true", *cfg.train_overrides]
         if cfg.train_steps is not None:
             overrides.append(f"trainer.max_steps={cfg.train_steps}")
-        init_words = None
-        if "sentence" in compose("train", [f"method={method_name}"]).method:
-            # Methods that learn words from a sentence (MCPL) get the scene's. Each word starts from its
-            # object's class noun (its shape word), as the paper's users write "a {ball} and a {cactus}":
-            # the noun is what ties a word to one of the objects. With one init for both ("object", the
-            # suite before session 8) the sentence is symmetric in the two words and which word takes
-            # which object is left to chance (measured on release 4: each word rendered the OTHER object).
-            # The held-out combination as a whole is still not nameable by the base model.
-            init_words = {w: combo[0] for w, combo in zip(case.words, case.combos)}
-            words = ",".join(f"{w}:{init}" for w, init in init_words.items())
-            overrides += [f"method.sentence='{case.sentence}'", f"method.init_words={{{words}}}"]
+        # Methods that learn words from a sentence (MCPL) get the scene's. Each word starts from its
+        # object's class noun (its shape word), as the paper's users write "a {ball} and a {cactus}":
+        # the noun is what ties a word to one of the objects. With one init for both ("object", the
+        # suite before session 8) the sentence is symmetric in the two words and which word takes
+        # which object is left to chance (measured on release 4: each word rendered the OTHER object).
+        # The held-out combination as a whole is still not nameable by the base model.
+        init_words = {w: combo[0] for w, combo in zip(case.words, case.combos)}
+        scene = registry.method_class(method_name).scene_overrides(case.sentence, init_words)
+        overrides += scene
+        init_words = init_words if scene else None
         started = time.time()
         folder = train(compose("train", overrides + list(extra)))
         seconds = time.time() - started
@@ -613,6 +624,9 @@ def write_variant_results(output: Path, cfg, suite: str, variants, records: list
         lines.append(f"![{image_label(r)}]({r['grid']})  ")
         lines.append("")
     (output / "report.md").write_text("\n".join(lines) + "\n")
+    series = {label: [float(np.mean([r[m] for r in records if r["variant"] == label])) for m in metrics]
+              for label, _, _ in variants if any(r["variant"] == label for r in records)}
+    write_variant_report(output, suite, "\n".join(lines) + "\n", list(metrics), series)
     print("\n".join(lines[:6 + len(variants)]))
 
 

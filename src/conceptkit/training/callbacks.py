@@ -1,4 +1,4 @@
-"""Training callbacks: preview samples every N steps."""
+"""Training callbacks: preview samples every N steps, a resume hint on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ class PreviewCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step == self._last or step % self.every != 0 or step == 0:
-            return
+        if step == self._last or step % self.every != 0 or step == 0 or not trainer.is_global_zero:
+            return  # previews are files: only the first process renders and writes them
         self._last = step
         prompts = [self.method.prompt(p) for p in self.texts]
         media = self.backbone.generate(prompts, negative_prompt=self.sample_cfg.negative_prompt,

@@ -99,7 +99,7 @@ class BackbonePretraining(nn.Module):
         self._latents: dict[str, LatentDistribution] = {}
         self._masks: dict[int, np.ndarray] = {}  # corpus image -> object masks, for token grounding
 
-    def stages(self) -> list[Stage]:
+    def stages(self, backbone) -> list[Stage]:
         v, d = self.vae_cfg, self.denoiser_cfg
         return [Stage("vae", steps=v.steps, lr=v.lr, batch_size=v.batch_size, grad_clip=1.0, weight_decay=0.0),
                 Stage("denoiser", steps=d.steps, lr=d.lr, batch_size=d.batch_size, grad_clip=1.0,
@@ -342,7 +342,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
                         names=[str(i) for i in range(corpus.images.shape[0])], frames=1)
     summary = {"seed": cfg.seed, "corpus": OmegaConf.to_container(cfg.corpus), "stages": [],
                "render_seconds": round(time.time() - started, 1), "init": init_recipe}
-    for index, stage in enumerate(trainable.stages()):
+    for index, stage in enumerate(trainable.stages(backbone)):
         if stage.steps == 0:  # e.g. vae.steps=0 with init=<folder>: keep that folder's VAE
             summary["stages"].append({"name": stage.name, "steps": 0, "from": str(cfg.init)})
             continue

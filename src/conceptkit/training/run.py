@@ -90,7 +90,8 @@ CONCEPT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 # Keys that may change between an interrupted run and its resume without changing the result.
 RESUME_FREE_KEYS = {"resume", "overwrite", "debug", "output"}
-RESUME_FREE_TRAINER_KEYS = {"progress_bar", "preview_every", "keep_checkpoints", "checkpoint_every"}
+RESUME_FREE_TRAINER_KEYS = {"progress_bar", "preview_every", "keep_checkpoints", "checkpoint_every", "logger",
+                            "log_every"}
 
 
 def is_main_process() -> bool:
@@ -138,6 +139,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
 
     from conceptkit.artifact import write_concept
     from conceptkit.training.callbacks import PreviewCallback, ResumeHint
+    from conceptkit.training.logs import check_logger, stage_loggers
     from conceptkit.training.module import ConceptTrainingModule
 
     # Lightning's banner lines (GPU/TPU availability, tips) are noise for a one-command tool.
@@ -151,6 +153,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     partial = output.with_name(output.name + ".partial")
     if cfg.resume:
         check_resumable(cfg, partial)
+    check_logger(cfg.trainer.logger)
 
     L.seed_everything(cfg.seed, verbose=False)
     device = training_device(cfg.trainer)
@@ -170,7 +173,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
 
     summary = {"images": data.names, "captions": data.captions, "seed": cfg.seed, "stages": []}
     started = time.time()
-    for index, stage in enumerate(method.stages()):
+    for index, stage in enumerate(method.stages(backbone)):
         stage = stage_with_overrides(stage, cfg.trainer)
         done = partial / f"stage{index}_{stage.name}.safetensors"
         if cfg.resume and done.exists():
@@ -178,7 +181,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             summary["stages"].append(json.loads(done.with_suffix(".json").read_text()))
             continue
         method.begin_stage(stage, backbone)
-        module = ConceptTrainingModule(method, backbone, method.stage_data(stage, data), stage, index, cfg.seed)
+        module = ConceptTrainingModule(method, backbone, method.stage_data(stage, data), stage, index, cfg.seed,
+                                       log_every=cfg.trainer.log_every)
         checkpoint_dir = partial / "checkpoints" / stage.name
         # No version counter: a resumed run must overwrite last.ckpt, not write last-v1.ckpt beside it
         # (a second resume would otherwise load the stale first checkpoint).
@@ -191,9 +195,14 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         trainer = L.Trainer(
             max_steps=stage.steps, accumulate_grad_batches=stage.accumulate, gradient_clip_val=stage.grad_clip,
             precision=cfg.trainer.precision, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-            strategy=cfg.trainer.strategy, callbacks=stage_callbacks, logger=False,
+            strategy=cfg.trainer.strategy, callbacks=stage_callbacks,
+            # Every loss term, one row per step (module.flush_terms), in <output>.partial/logs/<stage>/.
+            logger=stage_loggers(cfg.trainer.logger, partial / "logs", stage.name) or False,
             enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar, max_epochs=1,
-            default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1,
+            default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every,
+            # Each rank draws its own batches from the micro-step number (module.py): Lightning's
+            # distributed sampler would give each rank a shard of MicroSteps, ending it early.
+            use_distributed_sampler=False,
         )
         last = checkpoint_dir / "last.ckpt"
         stage_start = time.time()
@@ -203,6 +212,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
             # Batches derive from the global step (module.py), so a restarted dataloader is exact.
             warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+            # The module flushes its rows itself (and at the stage's end), whatever the stage's length.
+            warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
             trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.exists() else None)
         # Lightning's teardown moves the LightningModule (and so the method, whose LoRA modules live
         # inside the denoiser) to the CPU; the backbone stays where it is. Put them back together.
@@ -210,7 +221,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         if trainer.interrupted or trainer.global_step < stage.steps:
             raise UserError(f"training stopped in stage {stage.name} at step {trainer.global_step}/{stage.steps}; "
                             f"rerun the same command with resume=true to continue from {partial}")
-        loss = trainer.callback_metrics.get("loss")
+        loss = module.last_terms.get("loss")  # the last step's loss (mean over its micro-steps)
         record = {"name": stage.name, "steps": stage.steps, "lr": stage.lr, "accumulate": stage.accumulate,
                   "seconds": round(time.time() - stage_start, 2),
                   "final_loss": None if loss is None else round(float(loss), 6),
@@ -231,7 +242,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
                                     steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
                                     scheduler=cfg.sample.scheduler)
     write_concept(output, method, backbone, OmegaConf.to_yaml(cfg, resolve=True), summary, samples,
-                  texts * cfg.sample.count, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite)
+                  texts * cfg.sample.count, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite,
+                  logs=partial / "logs")
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(partial, ignore_errors=True)
     return output
