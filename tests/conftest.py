@@ -11,11 +11,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
-from conceptkit.registry import method_names  # noqa: E402
+from conceptkit.registry import method_class, method_names  # noqa: E402
 
 METHODS = method_names()  # every method folder joins the conformance table automatically
 BACKBONES = ["sd15_tiny", "wan21_tiny"]
-PAIRS = [(m, b) for b in BACKBONES for m in METHODS]
+# ... on every tiny backbone of the families it runs on
+PAIRS = [(m, b) for b in BACKBONES for m in METHODS if b.split("_")[0] in method_class(m).families]
 
 
 def train_config(method: str = "conceptprism", backbone: str = "sd15_tiny", *extra: str):
@@ -36,10 +37,40 @@ def make_method(method: str, backbone: str = "sd15_tiny", name: str = "thing", *
     return instantiate(train_config(method, backbone, *extra).method, concept_name=name)
 
 
-def example_data(backbone_obj, backbone: str = "sd15_tiny", *extra: str):
+def example_data(backbone_obj, backbone: str = "sd15_tiny", *extra: str, method=None):
+    """The example images (per-concept methods), or for an encoder method a small ShapeWorld corpus."""
     from conceptkit.training.run import prepare_data
 
+    if method is not None and method.kind == "encoder":
+        return prepare_data(train_config(method.name, backbone, "data.corpus.size=16", "data.corpus.workers=0", *extra),
+                            backbone_obj, method)
     return prepare_data(train_config("conceptprism", backbone, *extra), backbone_obj)
+
+
+def held_out_reference(index: int = 0):
+    """A held-out ShapeWorld object's reference picture (never in any training corpus)."""
+    from conceptkit.corpus import ShapeWorldCorpus
+
+    item = ShapeWorldCorpus(size=8, resolution=64, split="heldout", seed=3, max_objects=1)[index]
+    return item.objects[0].reference
+
+
+def condition(method, backbone, name: str = "thing") -> None:
+    """What prompting `{name}` needs: an encoder method is given a reference named `name`."""
+    if method.kind == "encoder":
+        method.set_references(backbone, {name: held_out_reference()})
+
+
+def full_batch(method, data, seed: int = 0):
+    """Every example image (or the first four corpus items) in one TrainBatch."""
+    from conceptkit.method import TrainBatch
+
+    generator = torch.Generator().manual_seed(seed)
+    if method.kind == "encoder":
+        indices = torch.arange(min(4, data.count))
+        return TrainBatch(indices=indices, data=data, generator=generator,
+                          items=[data.corpus[int(i)] for i in indices])
+    return TrainBatch(indices=torch.arange(data.count), data=data, generator=generator)
 
 
 def fixed_inputs(backbone, n: int = 2, seed: int = 0):

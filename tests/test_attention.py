@@ -102,3 +102,64 @@ def test_sites_describe_the_backbone():
     blocks = {s.block_index for s in wan.attention_sites()}
     assert blocks == set(range(len(wan.denoiser.blocks)))
     assert all(s.token_axis == "spatiotemporal" for s in wan.attention_sites())
+
+
+class MixedKeyValue:
+    """A key_value hook writing one token's key from one source and its value from another, each
+    through its own projection (what a KV-mixed visual prompt does at its token)."""
+
+    def __init__(self, position, key_source, value_source, key_proj, value_proj):
+        self.position, self.key_source, self.value_source = position, key_source, value_source
+        self.key_proj, self.value_proj = key_proj, value_proj
+
+    def key_value(self, site, key, value):
+        key, value = key.clone(), value.clone()
+        key[:, self.position] = self.key_proj(self.key_source)
+        value[:, self.position] = self.value_proj(self.value_source)
+        return key, value
+
+
+def test_mixed_keys_values_and_a_region_bias_on_a_hand_computed_case():
+    """Keys of one token from source A, its values from source B, and that token hidden (logit -inf)
+    from queries outside the left half of a 4x4 grid: the processor (SDPA, float mask) gives exactly the
+    hand-written attention, and the masked queries give that token zero attention."""
+    from diffusers.models.attention_processor import Attention
+
+    from conceptkit.attention import AttentionHooks, AttentionSite, RegionLogitBias, UNetAttnProcessor
+
+    torch.manual_seed(0)
+    heads, head_dim, width, context_dim, tokens = 2, 4, 8, 6, 5
+    attn = Attention(query_dim=width, cross_attention_dim=context_dim, heads=heads, dim_head=head_dim)
+    site = AttentionSite("attn2", "cross", 0, width, context_dim, heads, "spatial")
+    hooks = AttentionHooks()
+    attn.set_processor(UNetAttnProcessor(site, hooks))
+    hidden, context = torch.randn(1, 16, width), torch.randn(1, tokens, context_dim)
+    key_source, value_source = torch.randn(1, 3), torch.randn(1, 7)  # different sources, different widths
+    key_proj, value_proj = torch.nn.Linear(3, width), torch.nn.Linear(7, width)
+    left = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    left[..., :2] = True
+    columns = torch.tensor([[False, False, False, True, False]])
+    recorder = RecordProbabilities()
+    hooks.add("kv", MixedKeyValue(3, key_source, value_source, key_proj, value_proj))
+    hooks.add("region", RegionLogitBias(columns, left))
+    with torch.no_grad():
+        out = attn(hidden, encoder_hidden_states=context)
+        # by hand
+        q, k, v = attn.to_q(hidden), attn.to_k(context), attn.to_v(context)
+        k[:, 3], v[:, 3] = key_proj(key_source), value_proj(value_source)
+        split = lambda x: x.view(1, -1, heads, head_dim).transpose(1, 2)  # noqa: E731
+        scores = split(q) @ split(k).transpose(-1, -2) / head_dim ** 0.5
+        outside = ~left[0, 0].reshape(16)
+        scores[:, :, outside, 3] = float("-inf")
+        expected = (scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(1, 16, heads * head_dim)
+        expected = attn.to_out[0](expected)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        hooks.add("observe", recorder)  # the explicit softmax path applies the same bias
+        torch.testing.assert_close(attn(hidden, encoder_hidden_states=context), expected, rtol=1e-5, atol=1e-6)
+    probs = recorder.seen[0][1]
+    assert torch.equal(probs[0, :, outside, 3], torch.zeros_like(probs[0, :, outside, 3]))  # zero attention outside
+    assert (probs[0, :, ~outside, 3] > 0).all()  # and some inside: the check can fail
+    assert torch.equal(torch.isfinite(probs).all(), torch.tensor(True))  # no softmax row went empty
+    hooks.remove("region")
+    with torch.no_grad():
+        assert not torch.allclose(attn(hidden, encoder_hidden_states=context), expected)  # the bias mattered

@@ -155,3 +155,59 @@ def test_wan_encodes_only_the_real_tokens_and_zero_pads_to_the_full_length():
     assert context.shape == full.shape
     torch.testing.assert_close(context, full, rtol=1e-5, atol=1e-6)
     assert not context[1, int(tokenized.attention_mask[1].sum()):].any()  # zeros past the prompt's length
+
+
+@pytest.mark.parametrize("name", ["sd15_tiny", "wan21_tiny"])
+def test_generate_takes_initial_latents_and_steerable_step_callbacks(name):
+    """The seed's noise given explicitly renders the same media; a callback sees every step with an x0
+    that is the family's clean-latent formula, can backpropagate through predict() into a tensor a hook
+    reads, and what it changes steers the sampling."""
+    backbone = make_backbone(name)
+    kwargs = dict(steps=3, seed=5, height=backbone.resolution, width=backbone.resolution)
+    plain = backbone.generate(["a red dog"], **kwargs)
+    noise = backbone.initial_noise(1, seed=5)
+    assert torch.equal(backbone.generate(["a red dog"], initial_latents=noise, **kwargs), plain)
+    assert not torch.equal(backbone.generate(["a red dog"], initial_latents=noise + 0.5, **kwargs), plain)
+
+    shift = torch.zeros(1, requires_grad=True)
+
+    class ShiftContext:  # a hook reading a tensor that guidance optimises
+        def context(self, site, encoder_hidden_states):
+            return encoder_hidden_states + shift
+
+    seen = []
+
+    def guide(step):
+        with torch.enable_grad():
+            guided, clean = step.predict()
+            if step.index == 0:
+                # x0 from the family's formula at this step (scaled input, timestep, prediction)
+                sampler = step.sampler
+                model_input = step.latents
+                if hasattr(sampler, "scale_model_input"):
+                    model_input = sampler.scale_model_input(step.latents, step.timestep)
+                t = step.timestep.reshape(1)
+                torch.testing.assert_close(clean, backbone.predicted_clean(model_input, t, guided))
+            clean.square().mean().backward()
+        seen.append((step.index, shift.grad is not None and bool(shift.grad.abs().sum() > 0)))
+        with torch.no_grad():
+            shift.sub_(0.5 * shift.grad.sign())
+            shift.grad = None
+
+    backbone.hooks.add("guide", ShiftContext(), lambda site: site.kind == "cross")
+    try:
+        steered = backbone.generate(["a red dog"], callbacks=[guide], **kwargs)
+    finally:
+        backbone.hooks.remove("guide")
+    assert seen == [(0, True), (1, True), (2, True)]  # every step, with gradients reaching the tensor
+    assert float(shift) != 0.0 and not torch.equal(steered, plain)
+
+
+def test_predicted_clean_inverts_the_training_noise():
+    """x0 from a perfect prediction is the clean latent: the formula matches make_noisy's objective."""
+    for name in ("sd15_tiny", "wan21_tiny"):
+        backbone = make_backbone(name)
+        latents = torch.randn(3, 4, 4, 4) if name == "sd15_tiny" else torch.randn(3, 16, 1, 4, 4)
+        noisy = backbone.make_noisy(latents, torch.Generator().manual_seed(0), timesteps=torch.tensor([10, 500, 900]))
+        clean = backbone.predicted_clean(noisy.noisy, noisy.timesteps, noisy.target)
+        torch.testing.assert_close(clean, latents, rtol=1e-4, atol=1e-4)

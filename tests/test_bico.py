@@ -182,7 +182,10 @@ def test_without_the_absorbent_token_training_keeps_the_eos_context(backbone_nam
     plain = record_first_cross_site(backbone, lambda: method.training_loss(batch(), backbone, stage))[0]
     eos = backbone.hooks.rows.eos_index
     for row, position in enumerate(eos):
-        assert torch.equal(seen[row, position], plain[row, position])
+        # Equal up to float rounding: BiCo encodes its prompts once as one batch, the unbound backbone
+        # per call (UMT5 on other batch shapes differs in the last bit); an absorbent token would put a
+        # learned vector of unit scale there.
+        torch.testing.assert_close(seen[row, position], plain[row, position], rtol=0, atol=1e-6)
 
 
 def test_stages_train_global_first_then_all_with_their_own_timesteps():

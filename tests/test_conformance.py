@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import PAIRS, example_data, make_backbone, make_method, predict, train_config
+from conftest import PAIRS, condition, example_data, full_batch, make_backbone, make_method, predict, train_config
 
 
 def _perturb(method, seed=1):
@@ -32,9 +32,12 @@ def test_attach_detach_is_exact(method_name, backbone_name):
     prompts = [method.prompt("a photo of {thing}"), "a photo of a red dog"]
     before = predict(backbone, prompts)
     lora_linear_types = {type(m) for m in backbone.denoiser.modules()}
-    method.initialize(backbone, example_data(backbone, backbone_name))
+    method.initialize(backbone, example_data(backbone, backbone_name, method=method))
     method.attach(backbone)
+    condition(method, backbone)
     _perturb(method)  # make sure the attached concept really changes something
+    if method.kind == "encoder":
+        condition(method, backbone)  # the references' tokens from the perturbed adapters
     attached = predict(backbone, [method.prompt("a photo of {thing}"), "a photo of a red dog"])
     assert not torch.equal(attached, before)
     method.detach(backbone)
@@ -46,11 +49,9 @@ def test_attach_detach_is_exact(method_name, backbone_name):
 
 @pytest.mark.parametrize("method_name,backbone_name", PAIRS)
 def test_gradients_reach_only_method_parameters(method_name, backbone_name):
-    from conceptkit.method import TrainBatch
-
     backbone = make_backbone(backbone_name)
     method = make_method(method_name, backbone_name, "thing")
-    data = example_data(backbone, backbone_name)
+    data = example_data(backbone, backbone_name, method=method)
     method.initialize(backbone, data)
     method.attach(backbone)
     _perturb(method)  # LoRA B starts at zero, which would hide A's gradient
@@ -58,8 +59,7 @@ def test_gradients_reach_only_method_parameters(method_name, backbone_name):
         method.begin_stage(stage, backbone)
         method.zero_grad(set_to_none=True)
         # every image in one batch, so per-image parameters (ConceptPrism's residuals) all take part
-        batch = TrainBatch(indices=torch.arange(data.count), data=data, generator=torch.Generator().manual_seed(0))
-        method.training_loss(batch, backbone, stage)["loss"].backward()
+        method.training_loss(full_batch(method, data), backbone, stage)["loss"].backward()
         trainable = [p for p in method.parameters() if p.requires_grad]
         assert trainable, stage
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable), stage.name
@@ -81,7 +81,7 @@ def trained(tmp_path_factory):
     for method_name, backbone_name in PAIRS:
         name = f"{method_name}_{backbone_name}"
         cfg = train_config(method_name, backbone_name, "experiment=smoke", f"name={name}",
-                           f"output={root / name}.concept", "sample.count=0")
+                           f"output={root / name}.concept", "sample.count=0", "data.corpus.workers=0")
         folders[(method_name, backbone_name)] = train(cfg)
     return folders
 
@@ -102,10 +102,11 @@ def test_short_lightning_run_writes_a_concept(trained, method_name, backbone_nam
 LOAD_AND_PREDICT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from conftest import predict
+    from conftest import condition, predict
     from conceptkit.artifact import backbone_from_meta, load_concept, read_meta
     backbone = backbone_from_meta(read_meta({folder!r})).load()
     method, meta = load_concept({folder!r}, backbone)
+    condition(method, backbone, meta["name"])
     torch.save(predict(backbone, [method.prompt("a photo of {{%s}}" % meta["name"])]), {out!r})
 """)
 
@@ -117,6 +118,7 @@ def test_save_then_load_in_fresh_process_is_identical(trained, tmp_path, method_
     folder = trained[(method_name, backbone_name)]
     backbone = make_backbone(backbone_name)
     method, meta = load_concept(folder, backbone)
+    condition(method, backbone, meta["name"])
     here = predict(backbone, [method.prompt("a photo of {%s}" % meta["name"])])
     out = tmp_path / "fresh.pt"
     import os
@@ -125,7 +127,8 @@ def test_save_then_load_in_fresh_process_is_identical(trained, tmp_path, method_
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert torch.equal(torch.load(out), here)
     # and the loaded concept really is the trained one, not a fresh init
-    assert not torch.equal(here, predict(make_backbone(backbone_name), [method.prompt("a photo of {%s}" % meta["name"])]))
+    plain = predict(make_backbone(backbone_name), [method.prompt("a photo of {%s}" % meta["name"])])
+    assert not torch.equal(here, plain)
     assert read_meta(folder)["tokens"] == method.token_names()
 
 
@@ -152,9 +155,9 @@ def test_concepts_of_all_methods_compose(trained, backbone_name):
 
 
 # Methods whose concept holds no LoRA adapter (token vectors or binders only).
-WITHOUT_LORA = {"textual_inversion", "mcpl", "bico"}
+WITHOUT_LORA = {"textual_inversion", "mcpl", "bico", "kv_mixed"}
 # Methods whose concept holds no learned token vectors (LoRA weights or binders only).
-WITHOUT_EMBEDDINGS = {"lora", "bico"}
+WITHOUT_EMBEDDINGS = {"lora", "bico", "kv_mixed"}
 
 
 @pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] not in WITHOUT_LORA] +

@@ -1,8 +1,10 @@
 """The concept format, one for every method.
 
 <name>.concept/ (any folder name)
-  concept.json        format version, name, method + method version, hparams, method_info,
-                      backbone (family, id, revision, constructor config), tokens, training summary
+  concept.json        format version, name, method + method version, kind (per_concept: used by
+                      {name}; encoder: an adapter conditioned on reference pictures, compose's
+                      references=), hparams, method_info, backbone (family, id, revision,
+                      constructor config), tokens, training summary
   weights.safetensors the method's state_dict (method tensors only, keys relative to the method)
   config.yaml         the resolved training config
   learned_embeds.safetensors / pytorch_lora_weights.safetensors
@@ -51,6 +53,7 @@ def write_concept(folder: Path, method, backbone, config_yaml: str, training: di
         "name": method.concept_name,
         "method": method.name,
         "method_version": method.version,
+        "kind": method.kind,
         "hparams": method.hparams(),
         "method_info": method.export_info(),
         "backbone": {**backbone.identity(), "config": backbone.config()},
@@ -90,7 +93,11 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if int(meta["format_version"]) > FORMAT_VERSION:
         raise UserError(f"{folder} uses concept format {meta['format_version']}, newer than this conceptkit reads "
                         f"({FORMAT_VERSION}); upgrade conceptkit")
-    method_class(meta["method"])  # unknown method -> one clear line
+    cls = method_class(meta["method"])  # unknown method -> one clear line
+    kind = meta.get("kind", "per_concept")  # concepts written before encoder methods existed
+    if kind != cls.kind:
+        raise UserError(f"{path} says kind {kind!r}, but {meta['method']} concepts are {cls.kind!r}; the concept "
+                        f"folder is damaged")
     if not (folder / "weights.safetensors").is_file():
         raise UserError(f"{folder} has no weights.safetensors; the concept folder is damaged")
     return meta

@@ -11,6 +11,13 @@ A hook is any object with some of these methods (all optional):
   - ``key_value(site, key, value) -> (key, value)``: edit projected keys/values, shape (B, S, H*D)
   - ``probabilities(site, probs)``: observe softmax(QK^T) of shape (B, heads, Q, K); requesting it
     switches only that call to the explicit softmax path (SDPA exposes no probabilities)
+  - ``logit_bias(site, batch, queries, keys) -> tensor | None``: an additive bias on the attention
+    logits QK^T / sqrt(d), broadcastable to (B, heads, Q, K) (e.g. (B, 1, Q, K)); -inf where a query
+    must not see a key (a visual prompt's tokens outside its region). Biases of several hooks add up
+    and go to SDPA as its float `attn_mask`, so the fast path stays the fast path. A hook that must not
+    act on some rows (the unconditional half of a guided batch) returns zeros there.
+  Per-token keys/values from another source (a visual prompt's own projections) are a ``key_value``
+  hook that writes them at its token positions (`AttentionHooks.rows` says where those are).
 `CrossAttentionMaps` is such a hook (head-averaged maps of chosen tokens), and `maps_on_latent_grid`
 lays its records out on the latent grid (MCPL's attention mask, compose's `attention_maps=true`).
 """
@@ -109,6 +116,48 @@ class CrossAttentionMaps:
         self.maps.append((site, probs.detach().float().mean(dim=1) @ columns))
 
 
+class RegionLogitBias:
+    """A `logit_bias` hook: queries outside a region may not attend to chosen key columns (logit -inf).
+
+    `columns` (B, K) bool: the key positions it restricts per row (an object's visual-prompt tokens);
+    `regions` (B, F, H, W) bool on the latent grid: where each row's restricted keys stay visible, laid
+    onto every site's own token grid (nearest; SD: one frame of h*w queries, Wan: F*h*w). Rows whose
+    columns are all False (the unconditional half of a guided batch) are untouched. Only restricted
+    columns are blocked, so every query keeps the rest of the context and no softmax row is empty.
+    One restriction per key column: for several objects, `columns` marks each object's tokens and
+    `regions` is built per column with `column_regions` (B, K, F, H, W) instead.
+    """
+
+    def __init__(self, columns: torch.Tensor, regions: torch.Tensor):
+        if regions.ndim == 4:  # one region per row, for all its restricted columns
+            regions = regions[:, None].expand(-1, columns.shape[1], -1, -1, -1)
+        if regions.ndim != 5 or regions.shape[:2] != columns.shape:
+            raise ValueError(f"regions must be (B, F, H, W) or (B, K, F, H, W) for columns {tuple(columns.shape)}, "
+                             f"got {tuple(regions.shape)}")
+        self.columns = columns.bool()
+        self.regions = regions.bool()
+
+    def _on_site_grid(self, site: AttentionSite, queries: int) -> torch.Tensor:
+        batch, keys, frames, height, width = self.regions.shape
+        grid_frames = frames if site.token_axis == "spatiotemporal" else 1
+        per_frame = queries // grid_frames
+        h = max(1, round(math.sqrt(per_frame * height / width)))
+        w = per_frame // h
+        if grid_frames * h * w != queries:
+            raise ValueError(f"site {site.name}: {queries} queries do not tile a {height}x{width} latent")
+        regions = self.regions[:, :, :grid_frames].float().reshape(batch * keys, grid_frames, height, width)
+        regions = F.interpolate(regions, size=(h, w), mode="nearest") > 0.5
+        return regions.reshape(batch, keys, grid_frames * h * w).transpose(1, 2)  # (B, Q, K)
+
+    def logit_bias(self, site: AttentionSite, batch: int, queries: int, keys: int):
+        if (batch, keys) != tuple(self.columns.shape):
+            return None  # another attention (self-attention, another context): not this hook's
+        inside = self._on_site_grid(site, queries).to(self.columns.device)
+        blocked = self.columns[:, None, :] & ~inside
+        bias = torch.zeros(blocked.shape, dtype=torch.float32, device=blocked.device)
+        return bias.masked_fill(blocked, float("-inf"))[:, None]  # (B, 1, Q, K)
+
+
 def maps_on_latent_grid(maps: list[tuple[AttentionSite, torch.Tensor]], frames: int, height: int,
                         width: int) -> torch.Tensor:
     """Recorded maps (B, Q, n), each laid out on its site's token grid and resized (nearest) to the
@@ -132,9 +181,25 @@ def maps_on_latent_grid(maps: list[tuple[AttentionSite, torch.Tensor]], frames: 
     return total / len(maps)
 
 
+def _with_logit_biases(attn_mask, query, key, site, hooks):
+    """attn_mask plus every hook's logit bias, as one float mask (None when no hook adds one)."""
+    biases = [b for h in hooks if hasattr(h, "logit_bias")
+              for b in [h.logit_bias(site, query.shape[0], query.shape[2], key.shape[2])] if b is not None]
+    if not biases:
+        return attn_mask
+    total = attn_mask
+    if total is not None and total.dtype == torch.bool:
+        total = torch.zeros(total.shape, dtype=query.dtype, device=query.device).masked_fill(~total, float("-inf"))
+    for bias in biases:
+        bias = bias.to(device=query.device, dtype=query.dtype)
+        total = bias if total is None else total + bias
+    return total
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask, site, hooks) -> torch.Tensor:
     """The shared attention math. q/k/v are (B, heads, S, D). Uses SDPA unless a hook needs the
     probabilities, in which case only this call takes the explicit softmax path."""
+    attn_mask = _with_logit_biases(attn_mask, query, key, site, hooks)
     observers = [h for h in hooks if hasattr(h, "probabilities")]
     if not observers:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)

@@ -12,6 +12,7 @@ commands:
   bench     step time / memory: conceptkit bench methods=[lora,conceptprism] backbones=[sd15_tiny]
             quality on the ShapeWorld: conceptkit bench suite=shapes_subject methods=[textual_inversion,lora,conceptprism]
   pretrain  ShapeWorld toy backbones: conceptkit pretrain backbone=sd15_shapes
+            and their image encoder (encoder methods): conceptkit pretrain encoder=shapes_clip
   ls        list methods and backbones, and the concepts in a folder: conceptkit ls [folder]
 
 Arguments are Hydra overrides of the configs in conf/ (train.yaml, compose.yaml, bench.yaml).
@@ -47,13 +48,25 @@ def _run(command: str, overrides: list[str]) -> int:
         print(f"concept written to {output}")
         # The first sample prompt is worded for the backbone (the toys know only the world's grammar).
         example = cfg.sample.prompts[0] if cfg.sample.prompts else "a photo of {name}"
-        print(f"render it: conceptkit compose concepts=[{output}] prompt=\"{example.replace('{name}', '{' + cfg.name + '}')}\"")
+        from conceptkit.artifact import read_meta
+
+        if read_meta(output).get("kind") == "encoder":  # references, not the concept's name, go in prompts
+            print(f"render it: conceptkit compose concepts=[{output}] references={{star:star.png,circle:circle.png}} "
+                  f"prompt=\"a {{star}} left of a {{circle}} on a plain sand background\"")
+        else:
+            print(f"render it: conceptkit compose concepts=[{output}] prompt=\"{example.replace('{name}', '{' + cfg.name + '}')}\"")
     elif command == "compose":
         cfg = compose("compose", overrides)
         from conceptkit.compose import compose as run_compose
 
         output = run_compose(cfg)
         print(f"renders written to {output}")
+    elif command == "pretrain" and any(o.startswith("encoder=") for o in overrides):
+        cfg = compose("pretrain_encoder", overrides)
+        from conceptkit.training.pretrain_encoder import pretrain_encoder
+
+        output = pretrain_encoder(cfg, overrides)
+        print(f"image encoder written to {output}")
     elif command == "pretrain":
         cfg = compose("pretrain", overrides)
         from conceptkit.training.pretrain import pretrain

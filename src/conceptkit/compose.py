@@ -79,6 +79,40 @@ def render_prompt(prompt: str, methods: list) -> str:
     return prompt
 
 
+def load_references(references) -> dict:
+    """compose's references={name: picture path}: each picture as (H, W, 3) uint8, in the order given."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    pictures = {}
+    for name, path in dict(references or {}).items():
+        path = Path(str(path))
+        if not path.is_file():
+            raise UserError(f"references.{name}: {path} is not a file; pass references={{{name}:path/to/picture.png}}")
+        try:
+            pictures[str(name)] = np.asarray(Image.open(path).convert("RGB"))
+        except (UnidentifiedImageError, OSError) as error:
+            raise UserError(f"references.{name}: {path} is not a readable image ({error})") from None
+    return pictures
+
+
+def attach_references(methods: list, backbone, pictures: dict) -> None:
+    """Give the references to the one encoder concept among `methods` (one line if there is none, or
+    several: which one would take them is then not said)."""
+    encoders = [m for m in methods if m.kind == "encoder"]
+    if pictures and not encoders:
+        raise UserError("references= was given, but no concept here is an encoder concept (e.g. kv_mixed); "
+                        "drop references= or add an encoder concept to concepts=")
+    if len(encoders) > 1:
+        raise UserError(f"several encoder concepts ({', '.join(m.concept_name for m in encoders)}) would take the "
+                        f"references; compose with one of them")
+    taken = {m.concept_name for m in methods} & set(pictures)
+    if taken:
+        raise UserError(f"references name {', '.join(sorted(taken))}, which is also a concept's name; rename the reference")
+    for method in encoders:
+        method.set_references(backbone, pictures)
+
+
 def compose(cfg: DictConfig) -> Path:
     from conceptkit.artifact import backbone_from_meta, load_concept, read_meta
     from conceptkit.media import grid, save_media, save_png
@@ -96,31 +130,48 @@ def compose(cfg: DictConfig) -> Path:
     if cfg.backbone_path:
         meta["backbone"] = {**meta["backbone"], "config": {**meta["backbone"]["config"], "path": cfg.backbone_path}}
     backbone = backbone_from_meta(meta).load().to(compose_device(cfg.device))
+    pictures = load_references(cfg.get("references"))
     methods = [load_concept(folder, backbone)[0] for folder in folders]
     check_distinct_phrases(methods)
     for method in methods:
         method.eval()
-    text = cfg.prompt or default_prompt([m.concept_name for m in methods])
+    attach_references(methods, backbone, pictures)
+    named = [m.concept_name for m in methods if m.kind != "encoder"] + list(pictures)
+    text = cfg.prompt or default_prompt(named)
     prompt = render_prompt(text, methods)
     heatmaps = TokenHeatmaps(backbone, prompt, cfg.count) if cfg.attention_maps else None
+    generate_kwargs = dict(negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, seed=cfg.seed,
+                           scheduler=cfg.scheduler, height=cfg.height, width=cfg.width, frames=cfg.frames)
+    steered = None
     try:
-        media = backbone.generate([prompt] * cfg.count, negative_prompt=cfg.negative_prompt, steps=cfg.steps,
-                                  guidance=cfg.guidance, seed=cfg.seed, scheduler=cfg.scheduler, height=cfg.height,
-                                  width=cfg.width, frames=cfg.frames)
+        for method in methods:  # a method may steer sampling itself (KV-mixed's compositional guidance)
+            steered = method.steered_generate(backbone, [prompt] * cfg.count, generate_kwargs,
+                                              cfg.get("compositional_guidance", "auto"))
+            if steered is not None:
+                break
+        if steered is not None:
+            media, extras = steered
+        else:
+            media, extras = backbone.generate([prompt] * cfg.count, **generate_kwargs), None
     finally:
         if heatmaps is not None:
             heatmaps.remove()
     staging = output.with_name(output.name + ".writing")
     shutil.rmtree(staging, ignore_errors=True)
     save_media(media, staging, "render", fps=getattr(backbone, "fps", 16))
+    if extras is not None:  # what the steering did: its first pass and its log
+        save_media(extras["first_pass"], staging / "first_pass", "render", fps=getattr(backbone, "fps", 16))
+        (staging / "guidance.json").write_text(json.dumps(extras["log"], indent=2) + "\n")
     save_png(grid(media), staging / "grid.png")
     if heatmaps is not None:
         heatmaps.save(media, staging / "attention", fps=getattr(backbone, "fps", 16))
     (staging / "compose.json").write_text(json.dumps({
         "prompt": text, "expanded_prompt": prompt, "concepts": [str(f) for f in folders],
+        "references": {name: str(path) for name, path in dict(cfg.get("references") or {}).items()},
         "methods": [m["method"] for m in metas], "backbone": backbone.identity(), "count": cfg.count,
         "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
         "attention_maps": heatmaps.tokens if heatmaps is not None else [],
+        "compositional_guidance": extras is not None,
     }, indent=2) + "\n")
     if output.exists():
         shutil.rmtree(output)

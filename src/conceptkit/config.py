@@ -23,6 +23,17 @@ class DataSettings:
     captions: str | None = None
     captioner: str | None = None
     frames: int | None = None
+    corpus: Any = None  # encoder methods' corpus (TrainCorpusSettings)
+
+
+@dataclass
+class TrainCorpusSettings:  # data.corpus (conf/data/default.yaml): what encoder methods train on
+    source: str = "shapeworld"
+    size: int = 100_000
+    seed: int = 0
+    max_objects: int = 3
+    object_word: str = "shape"
+    workers: int = 1
 
 
 @dataclass
@@ -85,6 +96,8 @@ class ComposeSettings:
     device: str = "auto"
     backbone_path: str | None = None
     attention_maps: bool = False
+    references: Any = None
+    compositional_guidance: Any = "auto"
     overwrite: bool = False
     debug: bool = False
 
@@ -115,6 +128,21 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
     keep_work: bool
     output: str
     debug: bool
+
+
+@dataclass
+class PretrainEncoderSettings:  # conf/pretrain_encoder.yaml
+    encoder: str = "shapes_clip"
+    trainer: Any = None
+    corpus: Any = None
+    evaluation: Any = None
+    model: Any = None
+    train: Any = None
+    output: str | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    debug: bool = False
 
 
 @dataclass
@@ -167,6 +195,7 @@ SECTIONS = {
     "train": (TrainSettings, {"data": DataSettings, "trainer": TrainerSettings, "sample": SampleSettings}),
     "compose": (ComposeSettings, {}),
     "bench": (BenchSettings, {}),
+    "pretrain_encoder": (PretrainEncoderSettings, {"trainer": TrainerSettings}),
     "pretrain": (PretrainSettings, {"trainer": TrainerSettings, "corpus": CorpusSettings, "vae": VaeRecipe,
                                     "denoiser": DenoiserRecipe}),
 }
@@ -242,6 +271,8 @@ def validate(config_name: str, cfg) -> None:
     _check_keys(cfg, top, "")
     for key, settings_cls in sections.items():
         _check_keys(cfg[key], settings_cls, key)
+    if config_name == "train" and cfg.data.get("corpus") is not None:
+        _check_keys(cfg.data.corpus, TrainCorpusSettings, "data.corpus")
     if config_name in ("train", "pretrain"):
         bind_target(cfg.backbone, "backbone")
     if config_name == "train":

@@ -10,6 +10,8 @@ Life cycle
              for stage in m.stages(backbone): m.begin_stage(stage, backbone);
                  ... m.training_loss(TrainBatch(..., data=m.stage_data(stage, data)), ...)
   loading:   m = Method(**hparams); m.import_info(info); m.attach(backbone); m.load_state_dict(tensors)
+Encoder methods (kind = "encoder") train the same way on a CorpusData (each TrainBatch carries its
+corpus `items`) and, once loaded, are conditioned with `set_references` before prompting.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from conceptkit.backbones.base import LatentDistribution
+from conceptkit.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,33 @@ class TrainBatch:
     data: TrainingData
     generator: torch.Generator  # all randomness of the micro-step: makes resumed runs reproduce exactly
     extras: dict[str, Any] = field(default_factory=dict)
+    # Encoder methods: the corpus items (conceptkit.corpus.CorpusItem) of this micro-step, which the
+    # loader drew for it; `data` is then the CorpusData and `indices` the items' corpus indices.
+    items: list | None = None
+
+
+@dataclass
+class CorpusData:
+    """What an encoder method trains on: a map-style corpus (conceptkit.corpus), streamed by a loader
+    that draws each micro-step's items from (seed, stage, micro-step), like TrainingData's indices."""
+
+    corpus: Any  # torch Dataset of CorpusItem
+    description: str  # for concept.json: where the corpus came from
+    workers: int = 0  # DataLoader worker processes that render / read items ahead of the step
+
+    @property
+    def count(self) -> int:
+        return len(self.corpus)
 
 
 class ConceptMethod(nn.Module):
     name: ClassVar[str]  # short name stored in artifacts, e.g. "conceptprism"
     version: ClassVar[str] = "1"
+    # "per_concept": optimised on a few images of one concept (TrainingData), used by {name} in prompts.
+    # "encoder": an adapter trained once on a corpus (CorpusData), then conditioned at inference on any
+    # reference pictures (`set_references`), which prompts name as {reference name}.
+    kind: ClassVar[str] = "per_concept"
+    families: ClassVar[tuple[str, ...]] = ("sd15", "wan21")  # backbone families the method runs on
 
     def __init__(self, concept_name: str = "concept"):
         super().__init__()
@@ -151,6 +176,20 @@ class ConceptMethod(nn.Module):
         """Extra files in formats other tools load (diffusers LoRA, textual-inversion embeddings),
         written beside weights.safetensors. Called while attached."""
         return {}
+
+    def set_references(self, backbone, pictures: dict, words: dict | None = None) -> None:
+        """Encoder methods: condition on {reference name: (H, W, 3) uint8 picture}; prompts then name
+        each as {reference name}, which renders as its word (`words`, default the name) and the
+        reference's tokens. Per-concept methods take no references."""
+        raise UserError(f"concept {self.concept_name} ({self.name}) is a per-concept method: it takes no references")
+
+    def reference_names(self) -> list[str]:
+        return []
+
+    def steered_generate(self, backbone, prompts: list[str], generate_kwargs: dict, compositional="auto"):
+        """A method that steers sampling itself (KV-mixed's compositional guidance) returns
+        (media, extras: {"first_pass": media, "log": dict}); None: compose calls backbone.generate."""
+        return None
 
     def sample_prompts(self) -> list[str]:
         """Prompts (with `{name}`) rendered into samples/ and training previews."""

@@ -40,6 +40,27 @@ class LatentDistribution:
 
 
 @dataclass
+class SamplingStep:
+    """What a `generate` callback sees at one sampling step, before the sampler steps.
+
+    `predict()` runs this step's guided prediction again under the caller's grad mode (so guidance can
+    backpropagate into tensors its hooks read, e.g. a visual prompt's appearance tokens) and returns
+    (guided prediction, x0: the clean latents it implies). A callback that changes its hooks' tensors
+    changes the prediction the sampler then steps with: generate predicts after every callback ran."""
+
+    index: int  # 0 .. steps-1
+    timestep: torch.Tensor  # the sampler's timestep (scalar)
+    latents: torch.Tensor  # the sampler's latents entering this step (N, ...)
+    backbone: "Backbone"
+    context: torch.Tensor  # the guided batch's context [negative rows | prompt rows]
+    guidance: float
+    sampler: object
+
+    def predict(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backbone.guided_prediction(self.latents, self.timestep, self.context, self.guidance, self.sampler)
+
+
+@dataclass
 class NoisyBatch:
     noisy: torch.Tensor
     timesteps: torch.Tensor
@@ -52,6 +73,14 @@ def shipped_weights_folder(name: str):
     from pathlib import Path
 
     return Path(str(resources.files("conceptkit"))) / "assets" / "backbones" / name
+
+
+def shipped_encoder_folder(name: str):
+    """Where the ShapeWorld auxiliary encoders ship inside the package (conceptkit.encoders formats)."""
+    from importlib import resources
+    from pathlib import Path
+
+    return Path(str(resources.files("conceptkit"))) / "assets" / "encoders" / name
 
 
 class Backbone:
@@ -86,6 +115,8 @@ class Backbone:
         self.loaded = False
         self.hooks = AttentionHooks()
         self._lora_owners: list[str] = []
+        self._image_encoder = None  # built on first use (image_encoder())
+        self._auxiliary: dict[tuple[str, str], object] = {}  # (kind, source) -> guidance model (auxiliary())
 
     # identity ---------------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -155,7 +186,31 @@ class Backbone:
     def to(self, device) -> "Backbone":
         for module in self.frozen_modules():
             module.to(device)
+        if self._image_encoder is not None:
+            self._image_encoder.to(device)
+        for model in self._auxiliary.values():
+            model.to(device)
         return self
+
+    # auxiliary encoders -----------------------------------------------------------------------
+    def image_encoder_source(self) -> str:
+        raise UserError(f"backbone family {self.family} has no image encoder for encoder methods yet; use sd15")
+
+    def image_encoder(self):
+        """The frozen image encoder encoder methods condition on (conceptkit.encoders), built on first
+        use on this backbone's device. Never a submodule of a method: concepts do not store it."""
+        if self._image_encoder is None:
+            from conceptkit.encoders import load_image_encoder
+
+            source = self.image_encoder_source()
+            if self.architecture == "shapes" and source.startswith(str(shipped_encoder_folder(""))):
+                from pathlib import Path
+
+                if not Path(source).is_dir():
+                    raise UserError(f"the ShapeWorld image encoder is not in this install ({source}); create it with: "
+                                    f"conceptkit pretrain encoder=shapes_clip")
+            self._image_encoder = load_image_encoder(source, seed=self.seed).to(self.device)
+        return self._image_encoder
 
     @property
     def device(self) -> torch.device:
@@ -164,6 +219,27 @@ class Backbone:
     # attention --------------------------------------------------------------------------------
     def attention_sites(self) -> list[AttentionSite]:
         return list(self._sites)
+
+    def auxiliary_default(self, kind: str) -> str:
+        """The default source of a compositional-guidance model ("segmenter" or "identity")."""
+        raise UserError(f"backbone family {self.family} has no compositional-guidance models yet; use sd15")
+
+    def auxiliary(self, kind: str, source: str | None = None):
+        """A frozen compositional-guidance model (conceptkit.encoders): the segmenter of generated
+        images or the identity encoder of object crops, built once per source on this device."""
+        from conceptkit.encoders import load_identity_encoder, load_segmenter
+
+        source = source or self.auxiliary_default(kind)
+        if (kind, source) not in self._auxiliary:
+            if kind == "segmenter":
+                model = load_segmenter(source, seed=self.seed)
+            elif kind == "identity":
+                encoder = self.image_encoder() if source == "image_encoder" else None
+                model = load_identity_encoder(source, encoder, seed=self.seed)
+            else:
+                raise ValueError(f"unknown auxiliary model kind {kind!r}")
+            self._auxiliary[(kind, source)] = model.to(self.device)
+        return self._auxiliary[(kind, source)]
 
     # text -------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TokenizedPrompts:
@@ -235,9 +311,14 @@ class Backbone:
     @torch.no_grad()
     def generate(self, prompts: list[str], negative_prompt: str = "", steps: int = 25, guidance: float | None = None,
                  seed: int = 0, scheduler: str | None = None, height: int | None = None, width: int | None = None,
-                 frames: int | None = None) -> torch.Tensor:
+                 frames: int | None = None, initial_latents: torch.Tensor | None = None,
+                 callbacks=()) -> torch.Tensor:
         """Returns media in [0, 1], shape (N, 3, F, H, W). Classifier-free guidance runs the
-        unconditional and conditional rows as one batched denoiser call per step."""
+        unconditional and conditional rows as one batched denoiser call per step.
+
+        `initial_latents` (N, ...): start from this noise instead of the seed's (regenerating "from the
+        same noise"; `initial_noise` gives the seed's). `callbacks`: each is called with a `SamplingStep`
+        before every sampler step and may steer it (see SamplingStep); they run in the order given."""
         guidance = self.default_guidance if guidance is None else guidance
         height = height or self.resolution
         width = width or self.resolution
@@ -250,19 +331,43 @@ class Backbone:
         self.hooks.declare_rows(ContextRows.guided(negative_tokens, tokenized))
         sampler = self.sampling_scheduler(scheduler)
         sampler.set_timesteps(steps, device=device)
-        generator = torch.Generator().manual_seed(seed)
-        latents = self.initial_latents(len(prompts), height, width, frames, generator).to(device)
-        latents = latents * getattr(sampler, "init_noise_sigma", 1.0)
-        for t in sampler.timesteps:
-            model_input = torch.cat([latents, latents])
-            if hasattr(sampler, "scale_model_input"):
-                model_input = sampler.scale_model_input(model_input, t)
-            timestep = t.expand(model_input.shape[0]).to(device)
-            prediction = self.denoise(model_input.to(self.dtype), timestep, context).float()
-            uncond, cond = prediction.chunk(2)
-            guided = uncond + guidance * (cond - uncond)
-            latents = sampler.step(guided, t, latents).prev_sample
+        if initial_latents is None:
+            initial_latents = self.initial_noise(len(prompts), seed, height, width, frames)
+        elif initial_latents.shape[0] != len(prompts):
+            raise ValueError(f"initial_latents has {initial_latents.shape[0]} rows for {len(prompts)} prompts")
+        latents = initial_latents.to(device) * getattr(sampler, "init_noise_sigma", 1.0)
+        for index, t in enumerate(sampler.timesteps):
+            for callback in callbacks:
+                callback(SamplingStep(index, t, latents, self, context, guidance, sampler))
+            with torch.no_grad():
+                guided, _ = self.guided_prediction(latents, t, context, guidance, sampler)
+                latents = sampler.step(guided, t, latents).prev_sample
         return self.decode(latents)
+
+    def initial_noise(self, n: int, seed: int = 0, height: int | None = None, width: int | None = None,
+                      frames: int | None = None) -> torch.Tensor:
+        """The starting noise `generate(..., seed=seed)` uses (CPU, float32)."""
+        return self.initial_latents(n, height or self.resolution, width or self.resolution,
+                                    frames or self.default_frames, torch.Generator().manual_seed(seed))
+
+    def guided_prediction(self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: float,
+                          sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """One classifier-free-guided prediction at the sampler's latents (one batched denoiser call of
+        [negative | prompt] rows) and the clean latents x0 it implies, in the caller's grad mode."""
+        model_input = torch.cat([latents, latents])
+        if hasattr(sampler, "scale_model_input"):
+            model_input = sampler.scale_model_input(model_input, t)
+        timestep = t.expand(model_input.shape[0]).to(latents.device)
+        prediction = self.denoise(model_input.to(self.dtype), timestep, context).float()
+        uncond, cond = prediction.chunk(2)
+        guided = uncond + guidance * (cond - uncond)
+        clean = self.predicted_clean(model_input.chunk(2)[1].float(), timestep[: latents.shape[0]], guided)
+        return guided, clean
+
+    def predicted_clean(self, model_input: torch.Tensor, timesteps: torch.Tensor,
+                        prediction: torch.Tensor) -> torch.Tensor:
+        """x0 implied by a prediction at the denoiser's input (family objective: epsilon, flow)."""
+        raise NotImplementedError
 
     def sampling_scheduler(self, name: str | None):
         raise NotImplementedError

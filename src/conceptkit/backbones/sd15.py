@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conceptkit.attention import AttentionSite, UNetAttnProcessor
-from conceptkit.backbones.base import Backbone, LatentDistribution, NoisyBatch
+from conceptkit.backbones.base import Backbone, LatentDistribution, NoisyBatch, shipped_encoder_folder
 from conceptkit.errors import UserError
 from conceptkit.tokens import TokenizedPrompts
 
@@ -49,17 +49,46 @@ class SD15Backbone(Backbone):
                  pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
                  path: str | None = None, revision: str | None = None, dtype: str = "float32",
                  resolution: int | None = None, max_text_tokens: int = 77, seed: int = 0,
-                 default_scheduler: str = "dpm++"):
+                 default_scheduler: str = "dpm++", image_encoder: str | None = None):
         super().__init__(architecture=architecture, weights=weights, pretrained=pretrained, path=path,
                          revision=revision, dtype=dtype, resolution=resolution, max_text_tokens=max_text_tokens,
                          seed=seed)
         self.default_scheduler = default_scheduler
+        self.image_encoder_name = image_encoder  # None: the architecture's default (image_encoder_source)
 
     def config(self) -> dict:
         return dict(architecture=self.architecture, weights=self.weights, pretrained=self.pretrained, path=self.path,
                     revision=self.revision,
                     dtype=self.dtype_name, resolution=self.resolution, max_text_tokens=self.max_text_tokens,
-                    seed=self.seed, default_scheduler=self.default_scheduler)
+                    seed=self.seed, default_scheduler=self.default_scheduler, image_encoder=self.image_encoder_name)
+
+    def image_encoder_source(self) -> str:
+        """The frozen image encoder of encoder methods (conceptkit.encoders): IP-Adapter-Plus's ViT-H/14
+        for real SD1.5, its architecture at random for weights=random, the shipped ShapeWorld encoder for
+        the toy, a test-size CLIP for tiny."""
+        if self.image_encoder_name:
+            return self.image_encoder_name
+        if self.architecture == "tiny":
+            return "random:tiny"
+        if self.architecture == "shapes":
+            return str(shipped_encoder_folder("shapes_clip"))
+        return "random:vit-h-14" if self.weights == "random" else "h94/IP-Adapter:models/image_encoder"
+
+    def auxiliary_default(self, kind: str) -> str:
+        """Compositional guidance's segmenter and identity encoder: CLIPSeg and DINOv2 (the paper's
+        matcher) for real weights; the oracle's components and the toy's own image encoder on ShapeWorld;
+        test-size random models for tiny and for weights=random (their cost is not what a full-size
+        speed run measures: the UNet and VAE passes are)."""
+        if self.architecture == "shapes":
+            return {"segmenter": "oracle", "identity": "image_encoder"}[kind]
+        if self.architecture == "tiny" or self.weights == "random":
+            return {"segmenter": "random:clipseg-tiny", "identity": "random:dinov2-tiny"}[kind]
+        return {"segmenter": "CIDAS/clipseg-rd64-refined", "identity": "facebook/dinov2-base"}[kind]
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images in [0, 1] on the device, differentiable with respect to the latents."""
+        images = self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
+        return (images.clamp(-1, 1) + 1) / 2
 
     def _build_random_modules(self) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -145,6 +174,15 @@ class SD15Backbone(Backbone):
         else:
             target = noise
         return NoisyBatch(noisy=noisy, timesteps=timesteps, target=target)
+
+    def predicted_clean(self, model_input, timesteps, prediction):
+        # The denoiser's input is x_t = sqrt(a) x0 + sqrt(1 - a) eps (the samplers' scale_model_input
+        # maps their own latents there), a = alphas_cumprod[t].
+        alphas = self.train_scheduler.alphas_cumprod[timesteps.long().cpu()].float()
+        alphas = alphas.to(model_input.device).view(-1, *([1] * (model_input.ndim - 1)))
+        if self.train_scheduler.config.prediction_type == "v_prediction":
+            return alphas.sqrt() * model_input - (1 - alphas).sqrt() * prediction
+        return (model_input - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
 
     def denoise(self, noisy, timesteps, context):
         # Frozen weights may be bf16/fp16 while latents and learned tokens stay fp32.

@@ -159,6 +159,11 @@ class Wan21Backbone(Backbone):
         noisy = (1 - s) * latents + s * noise
         return NoisyBatch(noisy=noisy, timesteps=sigma * 1000.0, target=noise - latents)
 
+    def predicted_clean(self, model_input, timesteps, prediction):
+        # Flow matching: x_t = (1 - s) x0 + s noise, the prediction is noise - x0, s = t / 1000.
+        sigma = (timesteps.float() / 1000.0).to(model_input.device).view(-1, *([1] * (model_input.ndim - 1)))
+        return model_input - sigma * prediction
+
     def denoise(self, noisy, timesteps, context):
         # Frozen weights may be bf16/fp16 while latents and learned tokens stay fp32.
         return self.denoiser(hidden_states=noisy.to(self.dtype), timestep=timesteps,

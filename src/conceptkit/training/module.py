@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from functools import partial
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from conceptkit.method import ConceptMethod, Stage, TrainBatch, TrainingData
+from conceptkit.method import ConceptMethod, CorpusData, Stage, TrainBatch, TrainingData
 
 
 class MicroSteps(Dataset):
@@ -30,6 +31,11 @@ class MicroSteps(Dataset):
 
     def __getitem__(self, index):
         return index
+
+
+def as_drawn(sample):
+    """A corpus micro-step arrives as drawn: (micro-step, indices, items); items stay CorpusItems."""
+    return sample
 
 
 def micro_step_generator(seed: int, stage_index: int, micro_step: int) -> torch.Generator:
@@ -139,23 +145,44 @@ class ConceptTrainingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.backbone.to(self.device)
-        if self.data.latents is not None:  # backbone pretraining encodes its latents later
+        if getattr(self.data, "latents", None) is not None:  # backbone pretraining encodes its latents later
             self.data.latents = self.data.latents.to(self.device)
+
+    @property
+    def rank_seed(self) -> int:
+        return self.seed + 7_777_777 * self.global_rank  # each data-parallel rank draws its own batches
 
     def train_dataloader(self):
         total = self.stage.steps * self.stage.accumulate
+        if isinstance(self.data, CorpusData):
+            from conceptkit.corpus import CorpusMicroSteps
+
+            # Starts at the next micro-step (Lightning restores the step before asking for the loader),
+            # so a resumed run draws the same items as an uninterrupted one.
+            start = self.trainer.global_step * self.stage.accumulate
+            draw = partial(batch_indices, self.rank_seed, self.stage_index, batch_size=self.stage.batch_size,
+                           count=self.data.count)
+            workers = int(self.data.workers)
+            return DataLoader(CorpusMicroSteps(self.data.corpus, draw, start, total), batch_size=None,
+                              shuffle=False, num_workers=workers, collate_fn=as_drawn,
+                              persistent_workers=False, prefetch_factor=2 if workers else None)
         return DataLoader(MicroSteps(total), batch_size=1, shuffle=False, num_workers=0)
 
     def training_step(self, batch, batch_idx):
         micro = self.trainer.global_step * self.stage.accumulate + batch_idx % self.stage.accumulate
-        # Each data-parallel rank draws its own images, noise and timesteps.
-        seed = self.seed + 7_777_777 * self.global_rank
+        seed = self.rank_seed
         generator = micro_step_generator(seed, self.stage_index, micro)
-        # Indices stay on the CPU (TrainBatch): methods read them as Python ints for free and move
-        # them only where a device tensor is indexed.
-        indices = batch_indices(seed, self.stage_index, micro, self.stage.batch_size, self.data.count)
-        losses = self.method.training_loss(TrainBatch(indices=indices, data=self.data, generator=generator),
-                                           self.backbone, self.stage)
+        items = None
+        if isinstance(self.data, CorpusData):
+            drawn_for, indices, items = batch
+            if int(drawn_for) != micro:
+                raise RuntimeError(f"the corpus loader drew items for micro-step {drawn_for}, training is at {micro}")
+        else:
+            # Indices stay on the CPU (TrainBatch): methods read them as Python ints for free and move
+            # them only where a device tensor is indexed.
+            indices = batch_indices(seed, self.stage_index, micro, self.stage.batch_size, self.data.count)
+        losses = self.method.training_loss(TrainBatch(indices=indices, data=self.data, generator=generator,
+                                                      items=items), self.backbone, self.stage)
         self.record_terms(self.trainer.global_step, losses)
         return losses["loss"]
 

@@ -74,9 +74,17 @@ def build_parts(cfg: DictConfig):
     return backbone, method
 
 
-def prepare_data(cfg: DictConfig, backbone):
+def prepare_data(cfg: DictConfig, backbone, method=None):
     from conceptkit.data import load_media
-    from conceptkit.method import TrainingData
+    from conceptkit.method import CorpusData, TrainingData
+
+    if method is not None and method.kind == "encoder":
+        from conceptkit.corpus import corpus_from_config
+
+        corpus_cfg = cfg.data.corpus
+        corpus = corpus_from_config(corpus_cfg, backbone.resolution)
+        return CorpusData(corpus=corpus, description=f"{corpus_cfg.source} ({len(corpus)} items)",
+                          workers=int(corpus_cfg.workers))
 
     frames = int(cfg.data.frames or 1)
     media = load_media(cfg.data.images, backbone.resolution, frames, backbone.is_video, cfg.data.captions,
@@ -84,6 +92,30 @@ def prepare_data(cfg: DictConfig, backbone):
     latents = backbone.encode_media(media.pixels)
     return TrainingData(latents=latents, captions=media.captions, names=media.names, frames=media.pixels.shape[2],
                         pixels=media.pixels)
+
+
+def encoder_samples(cfg: DictConfig, method, backbone, data):
+    """An encoder concept's samples: the first `sample.count` corpus items re-rendered from their own
+    captions and reference pictures (what the adapter learned to do; compose renders new references)."""
+    if cfg.sample.count <= 0:
+        return None, []
+    renders, texts = [], []
+    for index in range(min(int(cfg.sample.count), data.count)):
+        item = data.corpus[index]
+        objects = item.objects[: method.max_objects]
+        names = [f"ref{k}" for k in range(len(objects))]
+        text = item.caption
+        for name, obj in reversed(list(zip(names, objects))):
+            text = text[: obj.span[0]] + "{%s}" % name + text[obj.span[1]:]
+        method.set_references(backbone, {name: obj.reference for name, obj in zip(names, objects)},
+                              words={name: obj.word for name, obj in zip(names, objects)})
+        prompt = method.prompt(text)
+        renders.append(backbone.generate([prompt], negative_prompt=cfg.sample.negative_prompt, steps=cfg.sample.steps,
+                                         guidance=cfg.sample.guidance, seed=cfg.sample.seed,
+                                         scheduler=cfg.sample.scheduler))
+        texts.append(item.caption)
+    method.set_references(backbone, {})
+    return torch.cat(renders), texts
 
 
 CONCEPT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -158,8 +190,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     L.seed_everything(cfg.seed, verbose=False)
     device = training_device(cfg.trainer)
     backbone, method = build_parts(cfg)
+    if backbone.family not in method.families:
+        raise UserError(f"method {method.name} runs on {', '.join(method.families)} backbones, not {backbone.family}; "
+                        f"pick one of those with backbone=")
     backbone.to(device)  # frozen encoders (media, captions, class images) run once, on the training device
-    data = prepare_data(cfg, backbone)
+    data = prepare_data(cfg, backbone, method)
     method.initialize(backbone, data)
     method.attach(backbone)
     method.to(device)
@@ -171,7 +206,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         partial.mkdir(parents=True, exist_ok=True)
         (partial / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    summary = {"images": data.names, "captions": data.captions, "seed": cfg.seed, "stages": []}
+    if method.kind == "encoder":
+        summary = {"corpus": data.description, "seed": cfg.seed, "stages": []}
+    else:
+        summary = {"images": data.names, "captions": data.captions, "seed": cfg.seed, "stages": []}
     started = time.time()
     for index, stage in enumerate(method.stages(backbone)):
         stage = stage_with_overrides(stage, cfg.trainer)
@@ -234,16 +272,19 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     if not main:
         return output  # the first process renders samples and writes the concept
 
-    texts = sample_texts(cfg, method)
-    prompts = [method.prompt(p) for p in texts]
-    samples = None
-    if cfg.sample.count > 0:
-        samples = backbone.generate(prompts * cfg.sample.count, negative_prompt=cfg.sample.negative_prompt,
-                                    steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
-                                    scheduler=cfg.sample.scheduler)
+    if method.kind == "encoder":
+        samples, texts = encoder_samples(cfg, method, backbone, data)
+    else:
+        texts = sample_texts(cfg, method)
+        prompts = [method.prompt(p) for p in texts]
+        samples = None
+        if cfg.sample.count > 0:
+            samples = backbone.generate(prompts * cfg.sample.count, negative_prompt=cfg.sample.negative_prompt,
+                                        steps=cfg.sample.steps, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
+                                        scheduler=cfg.sample.scheduler)
+        texts = texts * cfg.sample.count
     write_concept(output, method, backbone, OmegaConf.to_yaml(cfg, resolve=True), summary, samples,
-                  texts * cfg.sample.count, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite,
-                  logs=partial / "logs")
+                  texts, fps=getattr(backbone, "fps", 16), overwrite=cfg.overwrite, logs=partial / "logs")
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(partial, ignore_errors=True)
     return output

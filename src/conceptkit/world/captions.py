@@ -51,6 +51,11 @@ def _background_phrase(background: Background, rng: np.random.Generator) -> str:
                        f"against a {colour} backdrop"))
 
 
+def background_phrase(background: Background, rng: np.random.Generator) -> str:
+    """One phrasing of the background ("on a plain teal background", "against a grainy sand background")."""
+    return _background_phrase(background, rng)
+
+
 def relation(first: ObjectSpec, second: ObjectSpec) -> str:
     """Where `first` is relative to `second` along the axis that separates them most."""
     dx = first.centre[0] - second.centre[0]

@@ -356,6 +356,15 @@ def _read_objects(image: np.ndarray, background: _BackgroundModel) -> list[Objec
     return sorted(objects, key=lambda o: o.centre)  # left to right
 
 
+def foreground_segments(image: np.ndarray) -> list[np.ndarray]:
+    """The image's object masks as the oracle separates them from the background ((H, W) bool each,
+    left to right): the ShapeWorld segmenter of compositional guidance."""
+    image = _as_rgb(image)
+    labels, count = _foreground_components(image, _read_background(image))
+    masks = [labels == i for i in range(1, count + 1)]
+    return sorted(masks, key=lambda m: float(np.nonzero(m)[1].mean()))
+
+
 def read_image(image: np.ndarray) -> SceneReading:
     """Background and objects (left to right) of an (H, W, 3) uint8 image."""
     image = _as_rgb(image)

@@ -1,0 +1,116 @@
+"""Corpora for encoder methods: the ShapeWorld corpus (deterministic, exact masks, no held-out object,
+word spans), the user JSONL folder format and its one-line errors, and one-to-one matching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conceptkit.corpus import JsonlCorpus, ShapeWorldCorpus, corpus_loader, reference_picture
+from conceptkit.errors import UserError
+from conceptkit.matching import hungarian, match_by_similarity
+
+
+def test_shapeworld_corpus_items_are_deterministic_with_exact_masks_and_spans():
+    corpus = ShapeWorldCorpus(size=40, resolution=32, seed=3)
+    first, again = corpus[7], ShapeWorldCorpus(size=40, resolution=32, seed=3)[7]
+    assert first.caption == again.caption and np.array_equal(first.image, again.image)
+    assert ShapeWorldCorpus(size=40, resolution=32, seed=4)[7].caption != first.caption or not np.array_equal(
+        ShapeWorldCorpus(size=40, resolution=32, seed=4)[7].image, first.image)
+    counts = set()
+    for index in range(len(corpus)):
+        item = corpus[index]
+        counts.add(len(item.objects))
+        assert item.image.shape == (32, 32, 3) and item.image.dtype == np.uint8
+        for obj in item.objects:
+            assert item.caption[obj.span[0]:obj.span[1]] == obj.word == obj.description.split()[-1]  # the shape noun
+            assert obj.mask.shape == (32, 32) and obj.mask.any()
+            assert obj.reference.shape[0] == obj.reference.shape[1] and obj.reference.shape[2] == 3
+        masks = np.stack([o.mask for o in item.objects])
+        assert masks.sum(0).max() <= 1  # masks do not overlap
+    assert counts == {1, 2, 3}
+
+
+def test_shapeworld_corpus_never_shows_a_heldout_object():
+    from conceptkit.world.factors import HELDOUT_COMBOS
+
+    corpus = ShapeWorldCorpus(size=200, resolution=16, seed=0, object_word="description")
+    seen = {o.word for i in range(len(corpus)) for o in corpus[i].objects}
+    assert len(seen) > 30
+    described = {" ".join([c[1]] + ([] if c[2] == "plain" else [c[2]]) + [c[0]]) for c in HELDOUT_COMBOS}
+    assert not seen & described
+
+
+def test_reference_picture_cuts_out_the_object():
+    image = np.zeros((10, 10, 3), dtype=np.uint8)
+    image[2:4, 3:8] = 200
+    mask = image[..., 0] > 0
+    ref = reference_picture(image, mask, fill=9)
+    assert ref.shape == (5, 5, 3)
+    assert (ref[1:3] == 200).all() and (ref[0] == 9).all() and (ref[3:] == 9).all()
+
+
+def test_loader_batches_items_as_lists():
+    loader = corpus_loader(ShapeWorldCorpus(size=6, resolution=16), batch_size=4, seed=0)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [4, 2] and all(hasattr(b[0], "caption") for b in batches)
+
+
+def _write_corpus(folder, lines):
+    Image.fromarray(np.full((8, 12, 3), 50, dtype=np.uint8)).save(folder / "a.png")
+    mask = np.zeros((8, 12), dtype=np.uint8)
+    mask[1:4, 2:6] = 255
+    Image.fromarray(mask).save(folder / "a_dog.png")
+    (folder / "corpus.jsonl").write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
+
+
+def test_jsonl_corpus_loads_masks_and_boxes(tmp_path):
+    _write_corpus(tmp_path, [{"image": "a.png", "caption": "a dog next to a mug",
+                              "objects": [{"word": "dog", "mask": "a_dog.png"}, {"word": "mug", "box": [6, 2, 10, 7]}]}])
+    item = JsonlCorpus(tmp_path)[0]
+    assert item.caption == "a dog next to a mug" and [o.word for o in item.objects] == ["dog", "mug"]
+    assert item.objects[0].span == (2, 5) and item.objects[1].span == (16, 19)
+    assert item.objects[0].mask.sum() == 12 and item.objects[1].mask.sum() == 20
+    assert item.objects[1].reference.shape == (5, 5, 3)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "corpus.jsonl:1: not valid JSON"),
+    ({"image": "a.png", "caption": "a dog"}, "corpus.jsonl:1: field 'objects' is missing"),
+    ({"image": "gone.png", "caption": "a dog", "objects": []}, "corpus.jsonl:1: image 'gone.png' not found"),
+    ({"image": "a.png", "caption": "a dog", "objects": [{"word": "cat", "box": [0, 0, 2, 2]}]},
+     "corpus.jsonl:1: objects\\[0\\] word 'cat' is not in the caption"),
+    ({"image": "a.png", "caption": "a dog", "objects": [{"word": "dog"}]},
+     "corpus.jsonl:1: objects\\[0\\] needs exactly one of 'mask'"),
+    ({"image": "a.png", "caption": "a dog", "objects": [{"word": "dog", "box": [5, 0, 2, 2]}]},
+     "corpus.jsonl:1: objects\\[0\\] box must be"),
+])
+def test_jsonl_corpus_bad_lines_name_the_file_and_line(tmp_path, line, message):
+    _write_corpus(tmp_path, [line])
+    with pytest.raises(UserError, match=message):
+        JsonlCorpus(tmp_path)
+
+
+def test_jsonl_corpus_wrong_mask_size_names_the_line(tmp_path):
+    _write_corpus(tmp_path, [{"image": "a.png", "caption": "x", "objects": []},
+                             {"image": "a.png", "caption": "a dog", "objects": [{"word": "dog", "mask": "small.png"}]}])
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "small.png")
+    corpus = JsonlCorpus(tmp_path)
+    with pytest.raises(UserError, match="corpus.jsonl:2: objects\\[0\\] mask is 4x4, the image 12x8"):
+        corpus[1]
+
+
+def test_hungarian_matching_on_a_known_cost_matrix():
+    cost = np.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
+    # greedy per row would give rows 0 and 1 the same column 1; the optimum is 0->1, 1->0, 2->2 (total 5)
+    assert [(m.row, m.column) for m in hungarian(cost)] == [(0, 1), (1, 0), (2, 2)]
+    assert sum(m.score for m in hungarian(cost)) == 5.0
+    similarity = np.array([[0.9, 0.8], [0.85, 0.1], [0.2, 0.3]])  # 3 references, 2 segments
+    matches = match_by_similarity(similarity)
+    assert [(m.row, m.column) for m in matches] == [(0, 1), (1, 0)]  # reference 2 gets no segment
+    assert [(m.row, m.column) for m in match_by_similarity(similarity, min_similarity=0.82)] == [(1, 0)]
+    with pytest.raises(ValueError, match="NaN"):
+        hungarian([[np.nan]])
