@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
+    torch.set_num_threads(1)
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 from conceptkit.registry import method_class, method_names  # noqa: E402

@@ -272,3 +272,42 @@ def test_pretrain_writes_an_image_encoder_that_loads_and_encodes(tmp_path):
     assert not torch.allclose(features.global_embeds[0], features.global_embeds[1])
     run = _cli("pretrain", "encoder=dino", f"output={tmp_path / 'x'}", cwd=tmp_path)
     assert run.returncode != 0 and "encoder='dino'" in run.stderr and not (tmp_path / "x").exists()
+
+
+def test_shapes_visual_prompts_runs_end_to_end_on_a_tiny_backbone(tmp_path):
+    run = _cli("bench", "suite=shapes_visual_prompts", "methods=[kv_mixed]", "suite_backbone=sd15_tiny", "concepts=3",
+               "samples_per_prompt=2", "sample_steps=2", "train_steps=2", "variants={kv_mixed:[kv_mixed]}",
+               "train_overrides=['data.corpus.workers=0','method.batch_size=2']", f"output={tmp_path / 'vp'}",
+               cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "vp" / "results.json").read_text())
+    rows = {r["variant"] for r in results["records"]}
+    assert rows == {"named_words", "kv_mixed", "kv_mixed+guidance"}
+    assert sorted(len(r["objects"]) for r in results["records"] if r["variant"] == "kv_mixed") == [1, 2, 3]
+    for record in results["records"]:
+        assert 0 <= record["identity"] <= 1 and 0 <= record["count"] <= 1 and (tmp_path / "vp" / record["grid"]).is_file()
+    assert (tmp_path / "vp" / "results.md").is_file() and (tmp_path / "vp" / "report.html").is_file()
+
+
+def test_suite_cases_use_held_out_objects_each_from_one_reference():
+    from conceptkit.bench.visual_prompts import score_case, visual_prompt_cases
+    from conceptkit.world.factors import HELDOUT_COMBOS
+    from conceptkit.world.render import render_scene
+    from conceptkit.world.factors import Background, ObjectSpec, Scene
+
+    cases = visual_prompt_cases(3, 0, 64)
+    assert [len(c.combos) for c in cases] == [1, 2, 3]
+    for case in cases:
+        assert all(combo in HELDOUT_COMBOS for combo in case.combos)
+        assert len({combo[0] for combo in case.combos}) == len(case.combos)
+        assert all(ref.shape[0] == ref.shape[1] for ref in case.references)
+    # the score of the truth itself: the objects asked, on the background asked
+    case = cases[1]
+    truth = [render_scene(Scene([ObjectSpec(*combo, "large", (0.28 + 0.44 * k, 0.5 + 0.05 * seed))
+                                 for k, combo in enumerate(case.combos)], Background(case.background)), 64)
+             for seed in range(2)]
+    scores = score_case(truth, case)
+    assert scores["identity"] == 1.0 and scores["count"] == 1.0 and scores["background"] == 1.0
+    assert scores["layout_spread"] > 0
+    swapped = score_case(truth, cases[0])  # another case's objects: identity falls
+    assert swapped["identity"] < 1.0

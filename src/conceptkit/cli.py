@@ -46,6 +46,10 @@ def _run(command: str, overrides: list[str]) -> int:
 
         output = train(cfg)
         print(f"concept written to {output}")
+        from conceptkit.training.run import is_main_process
+
+        if not is_main_process():
+            return 0  # an extra data-parallel rank: the first process wrote the concept
         # The first sample prompt is worded for the backbone (the toys know only the world's grammar).
         example = cfg.sample.prompts[0] if cfg.sample.prompts else "a photo of {name}"
         from conceptkit.artifact import read_meta

@@ -125,6 +125,7 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
     sample_steps: int
     guidance: float | None
     seed: int
+    concept_folder: str | None
     keep_work: bool
     output: str
     debug: bool

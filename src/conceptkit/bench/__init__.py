@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conceptkit.errors import UserError
 
-SUITES = ("speed", "base_quality", "shapes_subject", "shapes_multi", "shapes_motion")
+SUITES = ("speed", "base_quality", "shapes_subject", "shapes_multi", "shapes_motion", "shapes_visual_prompts")
 
 
 DEFAULT_SUITE_BACKBONES = {"shapes_motion": "wan21_shapes"}  # the others: sd15_shapes
@@ -36,4 +36,8 @@ def run_suite(cfg):
         from conceptkit.bench.motion import run_motion_suite
 
         return run_motion_suite(cfg)
+    if cfg.suite == "shapes_visual_prompts":
+        from conceptkit.bench.visual_prompts import run_visual_prompts_suite
+
+        return run_visual_prompts_suite(cfg)
     raise UserError(f"unknown suite {cfg.suite!r}: choose one of {', '.join(SUITES)}")
