@@ -282,7 +282,7 @@ def test_shapes_visual_prompts_runs_end_to_end_on_a_tiny_backbone(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads((tmp_path / "vp" / "results.json").read_text())
     rows = {r["variant"] for r in results["records"]}
-    assert rows == {"named_words", "kv_mixed", "kv_mixed+guidance"}
+    assert rows == {"named_words", "words_only", "kv_mixed", "kv_mixed+guidance"}
     assert sorted(len(r["objects"]) for r in results["records"] if r["variant"] == "kv_mixed") == [1, 2, 3]
     for record in results["records"]:
         assert 0 <= record["identity"] <= 1 and 0 <= record["count"] <= 1 and (tmp_path / "vp" / record["grid"]).is_file()

@@ -11,6 +11,8 @@ reference must carry its colour and pattern. Rows:
     compositional guidance
   - `named_words`: the base model told each object in world words ("a red striped star and ..."), the
     ceiling of what the backbone draws when asked in its own words
+  - `words_only`: the base model given the prompt's words without the references ("a star and a
+    circle ..."): the floor; the references must add colour and pattern above it
 Metrics per case, over `samples_per_prompt` seeds:
   identity  (shape, colour, pattern) of the read object matched to each reference (Hungarian on the
             number of agreeing factors; an unmatched reference scores 0), mean over references
@@ -51,6 +53,13 @@ class VisualPromptCase:
 
     def prompt(self) -> str:
         return " and ".join("a {r%d}" % k for k in range(len(self.combos))) + f" on a plain {self.background} background"
+
+    def word_prompt(self) -> str:
+        """The prompt with each reference replaced by its word alone (the floor: no reference at all)."""
+        text = self.prompt()
+        for name, word in self.words().items():
+            text = text.replace("{%s}" % name, word)
+        return text
 
     def world_prompt(self) -> str:
         from conceptkit.world.captions import describe_object
@@ -192,9 +201,11 @@ def run_visual_prompts_suite(cfg) -> Path:
                         "seconds": round(seconds, 3), "grid": picture})
         print(f"  {label:>24} {case.name}: identity {metrics['identity']:.2f} count {metrics['count']:.2f}", flush=True)
 
-    for case in cases:  # the ceiling: the base model asked in world words
+    for case in cases:  # the ceiling: the base model asked in world words; the floor: the words alone
         render("named_words", case, lambda: torch.cat([backbone.generate([case.world_prompt()], seed=s, **sample)
                                                       for s in seeds]))
+        render("words_only", case, lambda: torch.cat([backbone.generate([case.word_prompt()], seed=s, **sample)
+                                                     for s in seeds]))
     trained = {}
     for label, spec in variants.items():
         if cfg.get("concept_folder"):
