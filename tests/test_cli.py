@@ -68,7 +68,7 @@ def test_missing_weights_name_the_fix(tmp_path: Path):
 
 
 def test_concept_from_the_other_family_is_refused(tmp_path: Path):
-    common = ["experiment=smoke", "sample.count=0", "method=textual_inversion"]
+    common = ["experiment=smoke", "sample.count=0", "method=textual_inversion", "backbone=sd15_tiny"]
     assert run_cli("train", *common, "name=img", f"output={tmp_path}/img.concept").returncode == 0
     assert run_cli("train", *common, "backbone=wan21_tiny", "name=vid", f"output={tmp_path}/vid.concept").returncode == 0
     done = run_cli("compose", f"concepts=[{tmp_path}/img.concept,{tmp_path}/vid.concept]", f"output={tmp_path}/out")
@@ -86,7 +86,7 @@ def test_concept_from_the_other_family_is_refused(tmp_path: Path):
 
 
 def test_concepts_that_render_alike_are_refused(tmp_path: Path):
-    common = ["experiment=smoke", "sample.count=0", "method=lora"]
+    common = ["experiment=smoke", "sample.count=0", "method=lora", "backbone=sd15_tiny"]
     for name in ("mug", "cup"):
         assert run_cli("train", *common, f"name={name}", f"output={tmp_path}/{name}.concept").returncode == 0
     done = run_cli("compose", f"concepts=[{tmp_path}/mug.concept,{tmp_path}/cup.concept]", f"output={tmp_path}/out")
