@@ -116,6 +116,18 @@ class CrossAttentionMaps:
         self.maps.append((site, probs.detach().float().mean(dim=1) @ columns))
 
 
+def site_grid(site: AttentionSite, queries: int, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(frames, h, w) of a site's query grid for a (frames, height, width) latent: spatial sites (SD)
+    hold one frame of h*w queries at their own resolution, spatiotemporal ones (Wan) frames*h*w."""
+    grid_frames = frames if site.token_axis == "spatiotemporal" else 1
+    per_frame = queries // grid_frames
+    h = max(1, round(math.sqrt(per_frame * height / width)))
+    w = per_frame // h
+    if grid_frames * h * w != queries:
+        raise ValueError(f"site {site.name}: {queries} queries do not tile a {height}x{width} latent")
+    return grid_frames, h, w
+
+
 class RegionLogitBias:
     """A `logit_bias` hook: queries outside a region may not attend to chosen key columns (logit -inf).
 
@@ -139,12 +151,7 @@ class RegionLogitBias:
 
     def _on_site_grid(self, site: AttentionSite, queries: int) -> torch.Tensor:
         batch, keys, frames, height, width = self.regions.shape
-        grid_frames = frames if site.token_axis == "spatiotemporal" else 1
-        per_frame = queries // grid_frames
-        h = max(1, round(math.sqrt(per_frame * height / width)))
-        w = per_frame // h
-        if grid_frames * h * w != queries:
-            raise ValueError(f"site {site.name}: {queries} queries do not tile a {height}x{width} latent")
+        grid_frames, h, w = site_grid(site, queries, frames, height, width)
         regions = self.regions[:, :, :grid_frames].float().reshape(batch * keys, grid_frames, height, width)
         regions = F.interpolate(regions, size=(h, w), mode="nearest") > 0.5
         return regions.reshape(batch, keys, grid_frames * h * w).transpose(1, 2)  # (B, Q, K)
@@ -168,12 +175,7 @@ def maps_on_latent_grid(maps: list[tuple[AttentionSite, torch.Tensor]], frames: 
     total = None
     for site, recorded in maps:
         batch, queries, n = recorded.shape
-        grid_frames = frames if site.token_axis == "spatiotemporal" else 1
-        per_frame = queries // grid_frames
-        h = max(1, round(math.sqrt(per_frame * height / width)))
-        w = per_frame // h
-        if grid_frames * h * w != queries:
-            raise ValueError(f"site {site.name}: {queries} queries do not tile a {height}x{width} latent")
+        grid_frames, h, w = site_grid(site, queries, frames, height, width)
         grid = recorded.transpose(1, 2).reshape(batch * n, grid_frames, h, w)
         grid = F.interpolate(grid, size=(height, width), mode="nearest")
         grid = grid.reshape(batch, n, grid_frames, height, width).expand(batch, n, frames, height, width)
