@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conceptkit.corpus import JsonlCorpus, ShapeWorldCorpus, corpus_loader, reference_picture
+from conceptkit.corpus import CorpusMicroSteps, JsonlCorpus, ShapeWorldCorpus, reference_picture
 from conceptkit.errors import UserError
 from conceptkit.matching import hungarian, match_by_similarity
 
@@ -53,10 +54,19 @@ def test_reference_picture_cuts_out_the_object():
     assert (ref[1:3] == 200).all() and (ref[0] == 9).all() and (ref[3:] == 9).all()
 
 
-def test_loader_batches_items_as_lists():
-    loader = corpus_loader(ShapeWorldCorpus(size=6, resolution=16), batch_size=4, seed=0)
-    batches = list(loader)
-    assert [len(b) for b in batches] == [4, 2] and all(hasattr(b[0], "caption") for b in batches)
+def test_micro_steps_draw_the_same_items_from_any_start():
+    """A resumed loader (start > 0) hands out exactly the items an uninterrupted one gives that step."""
+    from functools import partial
+
+    from conceptkit.training.module import batch_indices
+
+    corpus = ShapeWorldCorpus(size=6, resolution=16)
+    draw = partial(batch_indices, 0, 0, batch_size=4, count=len(corpus))
+    full, resumed = CorpusMicroSteps(corpus, draw, 0, 5), CorpusMicroSteps(corpus, draw, 2, 5)
+    micro, indices, items = resumed[0]
+    assert micro == 2 and torch.equal(indices, full[2][1]) and len(items) == 4
+    assert [i.caption for i in items] == [corpus[int(k)].caption for k in indices]
+    assert not torch.equal(full[0][1], full[1][1])  # another step, other items
 
 
 def _write_corpus(folder, lines):

@@ -61,6 +61,9 @@ class KVMixed(ConceptMethod):
         self.steps, self.lr, self.batch_size, self.accumulate = steps, lr, batch_size, accumulate
         self.grad_clip, self.weight_decay, self.seed = grad_clip, weight_decay, seed
         self.guidance_settings = dict(guidance or {})
+        from .guidance import GuidanceSettings
+
+        GuidanceSettings.from_dict(self.guidance_settings)  # a bad method.guidance key fails at train time
         self.encoder_dims: dict[str, int] = {}  # global_dim, grid_dim, context_dim: set by initialize / import_info
         self.layout: nn.Module | None = None
         self.appearance: nn.Module | None = None
@@ -260,8 +263,8 @@ class KVMixed(ConceptMethod):
         padded[: tokens.shape[0]] = tokens
         return padded
 
-    def reference_names(self) -> list[str]:
-        return list(self._references)
+    def max_references(self) -> int:
+        return self.max_objects
 
     def steered_generate(self, backbone, prompts: list[str], generate_kwargs: dict, compositional="auto"):
         """Compositional guidance (guidance.py) when it is on for these references (`compositional`:
@@ -269,9 +272,8 @@ class KVMixed(ConceptMethod):
         Returns (media, {"first_pass": media, "log": {...}})."""
         from .guidance import CompositionalGuidance, GuidanceSettings
 
-        settings = GuidanceSettings.from_dict(dict(self.guidance_settings))
-        if compositional is not None:
-            settings.enabled = compositional
+        settings = GuidanceSettings.from_dict({**self.guidance_settings,
+                                               **({} if compositional is None else {"enabled": compositional})})
         if not self._references or not settings.active(len(self._references)):
             return None
         pictures = self._pictures

@@ -3,7 +3,7 @@
 Per-concept methods train on a few images held in memory (`TrainingData`). Encoder methods (KV-mixed
 visual prompts, BindWeave) train an adapter once on a corpus, then condition on any reference picture.
 A corpus is a map-style torch Dataset of `CorpusItem`s, streamed through a DataLoader
-(`corpus_loader`), never held whole in memory:
+(training: `CorpusMicroSteps`, one micro-step's items per loader item), never held whole in memory:
   - `ShapeWorldCorpus`: scenes generated on the fly, item i deterministic for (seed, i); exact masks
     from the renderer; objects drawn from the pretraining split only, so the held-out objects the
     benchmarks personalise never appear in it.
@@ -47,9 +47,6 @@ class CorpusItem:
     image: np.ndarray  # (H, W, 3) uint8
     caption: str
     objects: list[CorpusObject] = field(default_factory=list)
-
-    def word_spans(self) -> list[tuple[int, int]]:
-        return [o.span for o in self.objects]
 
 
 def reference_picture(image: np.ndarray, mask: np.ndarray, fill: int = REFERENCE_FILL) -> np.ndarray:
@@ -264,16 +261,3 @@ class CorpusMicroSteps(torch.utils.data.Dataset):
         micro = self.start + index
         indices = self.draw(micro)
         return micro, indices, [self.corpus[int(i)] for i in indices]
-
-
-def collate_items(items: list[CorpusItem]) -> list[CorpusItem]:
-    """Items differ in object count and image size: a batch is their list (methods stack what they need)."""
-    return list(items)
-
-
-def corpus_loader(corpus, batch_size: int, seed: int = 0, shuffle: bool = True, workers: int = 0):
-    """A DataLoader over the corpus; the shuffle order is fixed by `seed` (resumable runs redraw it)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(corpus, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=workers, collate_fn=collate_items,
-                                       persistent_workers=workers > 0)

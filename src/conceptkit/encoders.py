@@ -53,9 +53,6 @@ class ImageFeatures:
     global_embeds: torch.Tensor  # (B, Dg)
     grid: torch.Tensor  # (B, N, Dc)
 
-    def index(self, rows) -> "ImageFeatures":
-        return ImageFeatures(self.global_embeds[rows], self.grid[rows])
-
 
 def pictures_to_tensor(pictures) -> torch.Tensor:
     """A list of (H, W, 3) uint8 arrays (any sizes) or a (B, 3, H, W) float tensor in [0, 1] -> a list of

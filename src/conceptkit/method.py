@@ -183,8 +183,9 @@ class ConceptMethod(nn.Module):
         reference's tokens. Per-concept methods take no references."""
         raise UserError(f"concept {self.concept_name} ({self.name}) is a per-concept method: it takes no references")
 
-    def reference_names(self) -> list[str]:
-        return []
+    def max_references(self) -> int:
+        """How many references one prompt may hold (encoder methods); 0: the method takes none."""
+        return 0
 
     def steered_generate(self, backbone, prompts: list[str], generate_kwargs: dict, compositional="auto"):
         """A method that steers sampling itself (KV-mixed's compositional guidance) returns

@@ -102,7 +102,7 @@ def encoder_samples(cfg: DictConfig, method, backbone, data):
     renders, texts = [], []
     for index in range(min(int(cfg.sample.count), data.count)):
         item = data.corpus[index]
-        objects = item.objects[: method.max_objects]
+        objects = item.objects[: method.max_references()]
         names = [f"ref{k}" for k in range(len(objects))]
         text = item.caption
         for name, obj in reversed(list(zip(names, objects))):
