@@ -103,13 +103,13 @@ def _quiet_lightning():
 
 @pytest.fixture(scope="session")
 def tiny_qwen_vl(tmp_path_factory):
-    """A folder holding a tiny random Qwen2.5-VL (real classes, tests/tiny_qwen_vl.py), loadable by path
+    """A folder holding a tiny random Qwen2.5-VL (real classes, conceptkit/backbones/tiny_qwen_vl.py), loadable by path
     exactly like a hub model; built once per session (well under a second once transformers is imported)."""
     import transformers
 
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("the tiny Qwen2.5-VL is built with transformers 5's tokenizer and config API")
-    from tiny_qwen_vl import build_tiny_qwen25_vl
+    from conceptkit.backbones.tiny_qwen_vl import build_tiny_qwen25_vl
 
     return build_tiny_qwen25_vl(tmp_path_factory.mktemp("qwen25_vl"))
 

@@ -296,12 +296,16 @@ def _wan_rotary(hidden_states, freqs_cos, freqs_sin):
 class WanAttnProcessor:
     """For diffusers `WanAttention` (WanTransformer3DModel). Mirrors diffusers' WanAttnProcessor with
     the native SDPA backend. Image-conditioned (I2V) attention takes an explicit `image_context_length`
-    instead of diffusers' `len - 512` guess, which is wrong for longer contexts (REFERENCE.md)."""
+    instead of diffusers' `len - 512` guess, which is wrong for longer contexts (REFERENCE.md), and may
+    take the backbone's `key_padding` (a logit_bias hook masking padded text rows of the context, see
+    backbones/video_condition.py), which only the text attention sees."""
 
-    def __init__(self, site: AttentionSite, hooks: AttentionHooks, image_context_length: int | None = None):
+    def __init__(self, site: AttentionSite, hooks: AttentionHooks, image_context_length: int | None = None,
+                 key_padding=None):
         self.site = site
         self.hooks = hooks
         self.image_context_length = image_context_length
+        self.key_padding = key_padding
 
     @staticmethod
     def _heads_first(x, heads):
@@ -353,7 +357,8 @@ class WanAttnProcessor:
             hidden_states_img = hidden_states_img.permute(0, 2, 1, 3).flatten(2, 3).type_as(query)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        hidden_states = attend(query, key, value, attention_mask, self.site, site_hooks)
+        text_hooks = site_hooks if self.key_padding is None else [*site_hooks, self.key_padding]
+        hidden_states = attend(query, key, value, attention_mask, self.site, text_hooks)
         hidden_states = hidden_states.permute(0, 2, 1, 3).flatten(2, 3).type_as(query)
         if hidden_states_img is not None:
             hidden_states = hidden_states + hidden_states_img

@@ -79,18 +79,33 @@ def render_prompt(prompt: str, methods: list) -> str:
     return prompt
 
 
+def reference_paths(references) -> dict:
+    """compose's references: {name: picture path}, or a list of paths (BindWeave's subjects), named
+    ref1, ref2, ... in order (prompts may say {ref1})."""
+    from omegaconf import DictConfig, ListConfig
+
+    if references is None:
+        return {}
+    if isinstance(references, (list, tuple, ListConfig)):
+        return {f"ref{k + 1}": str(path) for k, path in enumerate(references)}
+    if isinstance(references, (dict, DictConfig)):
+        return {str(name): str(path) for name, path in dict(references).items()}
+    raise UserError(f"references={references!r}: pass {{name:picture.png,...}} or [a.png,b.png]")
+
+
 def load_references(references) -> dict:
-    """compose's references={name: picture path}: each picture as (H, W, 3) uint8, in the order given."""
+    """compose's references (see reference_paths): each picture as (H, W, 3) uint8, in the order given."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     pictures = {}
-    for name, path in dict(references or {}).items():
-        path = Path(str(path))
+    for name, path in reference_paths(references).items():
+        path = Path(path)
         if not path.is_file():
-            raise UserError(f"references.{name}: {path} is not a file; pass references={{{name}:path/to/picture.png}}")
+            raise UserError(f"references.{name}: {path} is not a file; pass references={{{name}:path/to/picture.png}} "
+                            f"or references=[path/to/picture.png]")
         try:
-            pictures[str(name)] = np.asarray(Image.open(path).convert("RGB"))
+            pictures[name] = np.asarray(Image.open(path).convert("RGB"))
         except (UnidentifiedImageError, OSError) as error:
             raise UserError(f"references.{name}: {path} is not a readable image ({error})") from None
     return pictures
@@ -167,7 +182,7 @@ def compose(cfg: DictConfig) -> Path:
         heatmaps.save(media, staging / "attention", fps=getattr(backbone, "fps", 16))
     (staging / "compose.json").write_text(json.dumps({
         "prompt": text, "expanded_prompt": prompt, "concepts": [str(f) for f in folders],
-        "references": {name: str(path) for name, path in dict(cfg.get("references") or {}).items()},
+        "references": reference_paths(cfg.get("references")),
         "methods": [m["method"] for m in metas], "backbone": backbone.identity(), "count": cfg.count,
         "steps": cfg.steps, "guidance": cfg.guidance, "seed": cfg.seed,
         "attention_maps": heatmaps.tokens if heatmaps is not None else [],

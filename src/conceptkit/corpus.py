@@ -7,6 +7,8 @@ A corpus is a map-style torch Dataset of `CorpusItem`s, streamed through a DataL
   - `ShapeWorldCorpus`: scenes generated on the fly, item i deterministic for (seed, i); exact masks
     from the renderer; objects drawn from the pretraining split only, so the held-out objects the
     benchmarks personalise never appear in it.
+  - `ShapeWorldClipCorpus`: the same for clips of 1-2 moving objects (subject-to-video, BindWeave):
+    the item's `video` is the clip, its `image` the clip's first frame, on which the objects' masks are.
   - `JsonlCorpus`: a user folder. One JSON object per line of `<folder>/corpus.jsonl` (paths relative
     to the folder):
         {"image": "img/0001.jpg", "caption": "a dog next to a red mug on a table",
@@ -44,9 +46,10 @@ class CorpusObject:
 
 @dataclass
 class CorpusItem:
-    image: np.ndarray  # (H, W, 3) uint8
+    image: np.ndarray  # (H, W, 3) uint8 (a clip's: the frame its objects' masks are on, the first)
     caption: str
     objects: list[CorpusObject] = field(default_factory=list)
+    video: np.ndarray | None = None  # (F, H, W, 3) uint8 for clip corpora
 
 
 def reference_picture(image: np.ndarray, mask: np.ndarray, fill: int = REFERENCE_FILL) -> np.ndarray:
@@ -128,6 +131,46 @@ class ShapeWorldCorpus(torch.utils.data.Dataset):
             objects.append(CorpusObject(caption[slice(*spans[i])], spans[i], masks[i],
                                         reference_picture(image, masks[i]), describe_object(obj)))
         return CorpusItem(image, caption, objects)
+
+
+class ShapeWorldClipCorpus(ShapeWorldCorpus):
+    """Captioned ShapeWorld clips of 1 or 2 moving objects (pretraining split only), generated on the fly.
+
+    Captions follow the world's clip grammar with the objects' words (`object_word`, as ShapeWorldCorpus):
+    "a star moving left slowly; a circle moving up quickly, on a teal background". Masks and references
+    are on the first frame (what a subject-to-video method cuts its references from)."""
+
+    def __init__(self, size: int = 100_000, resolution: int = 64, seed: int = 0, split: str = "pretrain",
+                 max_objects: int = 2, frames: int = 9, object_word: str = "shape"):
+        if not 1 <= max_objects <= 2:
+            raise UserError(f"corpus.max_objects={max_objects}: ShapeWorld clips hold 1 or 2 moving objects")
+        super().__init__(size=size, resolution=resolution, seed=seed, split=split, max_objects=max_objects,
+                         orientation="random", object_word=object_word)
+        self.frames = frames
+
+    def __getitem__(self, index: int) -> CorpusItem:
+        from conceptkit.world.captions import background_phrase, describe_object, motion_phrase
+        from conceptkit.world.factors import sample_scene
+        from conceptkit.world.render import object_masks, render_clip
+
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index, 1])
+        count = int(rng.integers(1, self.max_objects + 1))
+        scene = sample_scene(rng, n_objects=count, split=self.split, clip_frames=self.frames)
+        video = render_clip(scene, self.frames, self.resolution)
+        masks = object_masks(scene, self.resolution)
+        caption, objects = "", []
+        for i, obj in enumerate(scene.objects):
+            word = self._word(obj)
+            caption += ("; " if i else "") + ("an " if word[0] in "aeiou" else "a ")
+            span = (len(caption), len(caption) + len(word))
+            caption += f"{word} {motion_phrase(scene.motions[i], rng)}"
+            if masks[i].any():
+                objects.append(CorpusObject(word, span, masks[i], reference_picture(video[0], masks[i]),
+                                            describe_object(obj)))
+        caption += ", " + background_phrase(scene.background, rng)
+        return CorpusItem(video[0], caption, objects, video=video)
 
 
 class JsonlCorpus(torch.utils.data.Dataset):
@@ -228,14 +271,23 @@ def square_resized(image: np.ndarray, resolution: int, nearest: bool = False) ->
 
 
 def scene_pixels(items: list[CorpusItem], resolution: int) -> torch.Tensor:
-    """The items' images as one (B, 3, 1, R, R) batch in [-1, 1] (centre-cropped, resized)."""
+    """The items' images as one (B, 3, 1, R, R) batch in [-1, 1] (centre-cropped, resized); clip items'
+    videos as (B, 3, F, R, R)."""
+    if items and items[0].video is not None:
+        clips = np.stack([np.stack([square_resized(frame, resolution) for frame in item.video]) for item in items])
+        return torch.from_numpy(clips).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
     images = np.stack([square_resized(item.image, resolution) for item in items])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).unsqueeze(2)
 
 
-def corpus_from_config(corpus_cfg, resolution: int):
-    """data.corpus -> a corpus: `shapeworld` (generated on the fly) or a folder holding corpus.jsonl."""
+def corpus_from_config(corpus_cfg, resolution: int, frames: int = 1):
+    """data.corpus -> a corpus: `shapeworld` (generated on the fly; clips of `frames` frames when a
+    video backbone trains on it, frames > 1) or a folder holding corpus.jsonl."""
     source = str(corpus_cfg.source)
+    if source == "shapeworld" and frames > 1:
+        return ShapeWorldClipCorpus(size=int(corpus_cfg.size), resolution=resolution, seed=int(corpus_cfg.seed),
+                                    max_objects=min(2, int(corpus_cfg.max_objects)), frames=frames,
+                                    object_word=str(corpus_cfg.object_word))
     if source == "shapeworld":
         return ShapeWorldCorpus(size=int(corpus_cfg.size), resolution=resolution, seed=int(corpus_cfg.seed),
                                 max_objects=int(corpus_cfg.max_objects), object_word=str(corpus_cfg.object_word))

@@ -118,6 +118,9 @@ class ImageEncoder:
         if self.kind == "clip":
             out = self.model(pixel_values=pixels, output_hidden_states=True)
             return out.image_embeds, out.hidden_states[-2]
+        if self.kind == "clip_vision":
+            out = self.model(pixel_values=pixels, output_hidden_states=True)
+            return out.pooler_output, out.hidden_states[-2]
         pooled, tokens = self.model.visual(pixels)  # open_clip with output_tokens=True
         return pooled, tokens
 
@@ -166,23 +169,61 @@ def open_clip_encoder(folder: Path) -> ImageEncoder:
                         int(config["model"]["embed_dim"]), int(vision["width"]), tokens, str(folder))
 
 
+def _transformers_source(source: str) -> tuple[str, str]:
+    """(name or folder, subfolder) of a transformers image encoder source `<id or folder>[:<subfolder>]`."""
+    if Path(source).exists():
+        return source, ""
+    name, _, subfolder = source.partition(":")
+    return name, subfolder
+
+
+def image_encoder_shape(source: str, revision: str | None = None) -> tuple[int, int]:
+    """(grid tokens, grid width) of the encoder `source` names, read from its config (nothing is built):
+    what a denoiser's image context is sized by before the encoder is loaded."""
+    if source in RANDOM_CLIP_VISION:
+        config = RANDOM_CLIP_VISION[source]
+        return (config["image_size"] // config["patch_size"]) ** 2 + 1, config["hidden_size"]
+    folder = Path(source)
+    if (folder / OPEN_CLIP_CONFIG).is_file():
+        vision = json.loads((folder / OPEN_CLIP_CONFIG).read_text())["model"]["vision_cfg"]
+        return (int(vision["image_size"]) // int(vision["patch_size"])) ** 2, int(vision["width"])
+    from transformers import CLIPVisionConfig
+
+    name, subfolder = _transformers_source(source)
+    try:
+        config = CLIPVisionConfig.from_pretrained(name, subfolder=subfolder, revision=revision)
+    except (OSError, ValueError) as error:
+        raise _missing_encoder(source, error) from None
+    return (config.image_size // config.patch_size) ** 2 + 1, config.hidden_size
+
+
+def _missing_encoder(source: str, error: Exception) -> UserError:
+    return UserError(f"image encoder {source!r} is not present and cannot be downloaded ({type(error).__name__}); "
+                     f"download a transformers CLIP vision folder where you have network and pass "
+                     f"backbone.image_encoder=/path/to/it")
+
+
 def load_image_encoder(source: str, seed: int = 0, revision: str | None = None) -> ImageEncoder:
     """Build the encoder `source` names (see the module docstring). Missing weights: one line saying
-    where to put them."""
+    where to put them. A folder of a plain CLIPVisionModel (Wan2.1-I2V's image_encoder) loads as one:
+    its global view is the pooled output (it has no projection)."""
     if source in RANDOM_CLIP_VISION:
         return _clip_encoder(random_clip_vision(RANDOM_CLIP_VISION[source], seed), source)
     folder = Path(source)
     if (folder / OPEN_CLIP_CONFIG).is_file():
         return open_clip_encoder(folder)
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
-    name, _, subfolder = source.partition(":") if not folder.exists() else (source, "", "")
+    name, subfolder = _transformers_source(source)
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(name, subfolder=subfolder or "", revision=revision)
+        config = CLIPVisionConfig.from_pretrained(name, subfolder=subfolder, revision=revision)
+        if "CLIPVisionModel" in (config.architectures or []):
+            model = CLIPVisionModel.from_pretrained(name, subfolder=subfolder, revision=revision)
+            return ImageEncoder(model, "clip_vision", config.image_size, CLIP_MEAN, CLIP_STD, config.hidden_size,
+                                config.hidden_size, (config.image_size // config.patch_size) ** 2 + 1, source)
+        model = CLIPVisionModelWithProjection.from_pretrained(name, subfolder=subfolder, revision=revision)
     except (OSError, ValueError) as error:
-        raise UserError(f"image encoder {source!r} is not present and cannot be downloaded ({type(error).__name__}); "
-                        f"download a transformers CLIPVisionModelWithProjection folder where you have network "
-                        f"and pass backbone.image_encoder=/path/to/it") from None
+        raise _missing_encoder(source, error) from None
     return _clip_encoder(model, source)
 
 

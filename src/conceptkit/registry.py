@@ -2,7 +2,7 @@
 
 Methods are found as folders of the `conceptkit.methods` package (methods/<name>/ in the source tree),
 each exporting its class as `METHOD`; the core never names a method, and nothing registers itself on
-import. Backbone families are the modules `conceptkit.backbones.<family>`, each exporting `BACKBONE`.
+import. Backbone families are modules of `conceptkit.backbones` (BACKBONE_MODULES), each exporting `BACKBONE`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pkgutil
 
 from conceptkit.errors import UserError
 
-BACKBONE_FAMILIES = ("sd15", "wan21")
+# family -> the module exporting its class: Wan2.1's image-to-video family is the wan21 class with task=i2v.
+BACKBONE_MODULES = {"sd15": "sd15", "wan21": "wan21", "wan21_i2v": "wan21"}
+BACKBONE_FAMILIES = tuple(BACKBONE_MODULES)
 
 
 def method_names() -> list[str]:
@@ -31,4 +33,4 @@ def method_class(name: str):
 def backbone_class(family: str):
     if family not in BACKBONE_FAMILIES:
         raise UserError(f"unknown backbone family {family!r}: choose one of {', '.join(BACKBONE_FAMILIES)}")
-    return importlib.import_module(f"conceptkit.backbones.{family}").BACKBONE
+    return importlib.import_module(f"conceptkit.backbones.{BACKBONE_MODULES[family]}").BACKBONE

@@ -27,6 +27,11 @@ class TokenizedPrompts:
     eos_index: torch.Tensor  # (B,) position of the EOS token
     placeholder_mask: torch.Tensor  # (B, L) bool: positions filled by registered vectors
 
+    def rows(self, index: slice) -> "TokenizedPrompts":
+        """The prompts `index` selects (e.g. one half of a batch tokenized in one call)."""
+        return TokenizedPrompts(self.input_ids[index], self.attention_mask[index], self.eos_index[index],
+                                self.placeholder_mask[index])
+
 
 class TokenTable:
     def __init__(self, tokenizer, embedding: nn.Embedding, max_length: int, has_bos: bool):

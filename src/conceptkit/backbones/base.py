@@ -324,11 +324,7 @@ class Backbone:
         width = width or self.resolution
         frames = frames or self.default_frames
         device = self.device
-        context, tokenized = self.encode_text(list(prompts))
-        negative, negative_tokens = self.encode_text([negative_prompt] * len(prompts))
-        context = torch.cat([negative, context]).to(device)
-        # Hooks that treat the unconditional rows differently (BiCo: no binders there) need to know them.
-        self.hooks.declare_rows(ContextRows.guided(negative_tokens, tokenized))
+        context = self.guided_context(list(prompts), negative_prompt).to(device)
         sampler = self.sampling_scheduler(scheduler)
         sampler.set_timesteps(steps, device=device)
         if initial_latents is None:
@@ -343,6 +339,14 @@ class Backbone:
                 guided, _ = self.guided_prediction(latents, t, context, guidance, sampler)
                 latents = sampler.step(guided, t, latents).prev_sample
         return self.decode(latents)
+
+    def guided_context(self, prompts: list[str], negative_prompt: str) -> torch.Tensor:
+        """The context of a guided batch, [negative rows | prompt rows], its rows declared for hooks."""
+        context, tokenized = self.encode_text(prompts)
+        negative, negative_tokens = self.encode_text([negative_prompt] * len(prompts))
+        # Hooks that treat the unconditional rows differently (BiCo: no binders there) need to know them.
+        self.hooks.declare_rows(ContextRows.guided(negative_tokens, tokenized))
+        return torch.cat([negative, context])
 
     def initial_noise(self, n: int, seed: int = 0, height: int | None = None, width: int | None = None,
                       frames: int | None = None) -> torch.Tensor:

@@ -82,7 +82,8 @@ def prepare_data(cfg: DictConfig, backbone, method=None):
         from conceptkit.corpus import corpus_from_config
 
         corpus_cfg = cfg.data.corpus
-        corpus = corpus_from_config(corpus_cfg, backbone.resolution)
+        frames = int(cfg.data.frames or backbone.default_frames) if backbone.is_video else 1
+        corpus = corpus_from_config(corpus_cfg, backbone.resolution, frames)
         return CorpusData(corpus=corpus, description=f"{corpus_cfg.source} ({len(corpus)} items)",
                           workers=int(corpus_cfg.workers))
 

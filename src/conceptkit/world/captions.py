@@ -74,6 +74,11 @@ def _motion_phrase(motion: Motion, rng: np.random.Generator) -> str:
     return _join([phrase, *extras])  # "moving left slowly, spinning and bouncing off the edges"
 
 
+def motion_phrase(motion: Motion, rng: np.random.Generator) -> str:
+    """How a clip caption says an object's motion ("moving left slowly, spinning")."""
+    return _motion_phrase(motion, rng)
+
+
 def _join(phrases: list[str]) -> str:
     if len(phrases) == 1:
         return phrases[0]

@@ -103,6 +103,19 @@ def tiny_config(tokenizer):
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
 
 
+def tiny_qwen25_vl_network(seed: int = 0):
+    """(Qwen2_5_VLModel: the decoder without its LM head, processor): what a conditioning stream reads
+    hidden states from (BindWeave's `random:qwen25vl-tiny`), built in memory, seeded."""
+    import torch
+    from transformers import Qwen2_5_VLModel
+
+    processor = tiny_processor()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = Qwen2_5_VLModel(tiny_config(processor.tokenizer))
+    return network, processor
+
+
 def build_tiny_qwen25_vl(folder: Path, seed: int = 0) -> Path:
     """Save a tiny random Qwen2.5-VL (network, processor, generation config) into `folder`; return it."""
     import torch

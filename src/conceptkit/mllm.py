@@ -1,0 +1,74 @@
+"""A multimodal LLM's hidden states as conditioning (BindWeave's MLLM stream), owned by the backbone side.
+
+BindWeave reads Qwen2.5-VL's final decoder states of one user turn holding the prompt and then the
+reference pictures, rendered with the model's chat template and its generation prompt
+("<|im_start|>assistant\\n"), the whole sequence (system turn included), no truncation. The network is
+frozen and never part of a concept; `Backbone.mllm()` builds it on first use.
+
+Sources (`backbone.mllm`):
+  - a hub id or local folder of a Qwen2.5-VL checkpoint (Qwen/Qwen2.5-VL-7B-Instruct for BindWeave):
+    the decoder is loaded without its LM head (`Qwen2_5_VLModel`), the processor with it
+  - `random:qwen25vl-tiny`: the same classes at test size, seeded (conceptkit/backbones/tiny_qwen_vl.py)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conceptkit.errors import UserError
+
+
+class MultimodalStates:
+    """`states(text, pictures) -> (L, D)`: the frozen MLLM's last hidden states of one chat turn."""
+
+    def __init__(self, network, processor, source: str):
+        self.network = network.eval().requires_grad_(False)
+        self.processor = processor
+        self.source = source
+        config = network.config
+        self.hidden_size = int(getattr(config, "text_config", config).hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    def to(self, device) -> "MultimodalStates":
+        self.network.to(device)
+        return self
+
+    def chat_text(self, text: str, count: int) -> str:
+        """The chat-templated turn: one user message [prompt, picture 1..count], then the generation prompt."""
+        content = [{"type": "text", "text": text}] + [{"type": "image"} for _ in range(count)]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+
+    @torch.no_grad()
+    def states(self, text: str, pictures: list[np.ndarray]) -> torch.Tensor:
+        from PIL import Image
+
+        images = [Image.fromarray(np.asarray(p, dtype=np.uint8)) for p in pictures] or None
+        inputs = self.processor(text=[self.chat_text(text, len(pictures))], images=images, return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "mm_token_type_ids"}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(next(self.network.parameters()).dtype)
+        return self.network(**inputs).last_hidden_state[0].float()
+
+
+def load_mllm(source: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> MultimodalStates:
+    """The MLLM `source` names (module docstring). Missing weights: one line saying where to put them."""
+    if source == "random:qwen25vl-tiny":
+        from conceptkit.backbones.tiny_qwen_vl import tiny_qwen25_vl_network
+
+        network, processor = tiny_qwen25_vl_network(seed + 202)
+        return MultimodalStates(network.to(dtype), processor, source)
+    from transformers import AutoProcessor, Qwen2_5_VLModel
+
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        network = Qwen2_5_VLModel.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"MLLM {source!r} is not present and cannot be downloaded ({type(error).__name__}); download "
+                        f"a Qwen2.5-VL folder (e.g. Qwen/Qwen2.5-VL-7B-Instruct) where you have network and pass "
+                        f"backbone.mllm=/path/to/it") from None
+    return MultimodalStates(network, processor, source)
