@@ -15,10 +15,15 @@ warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 from conceptkit.registry import method_class, method_names  # noqa: E402
 
+def family_of(backbone: str) -> str:
+    """The family of a backbone config name: sd15_tiny -> sd15, wan21_i2v_tiny -> wan21_i2v."""
+    return backbone.rsplit("_", 1)[0] if backbone.endswith(("_tiny", "_shapes")) else backbone
+
+
 METHODS = method_names()  # every method folder joins the conformance table automatically
-BACKBONES = ["sd15_tiny", "wan21_tiny"]
+BACKBONES = ["sd15_tiny", "wan21_tiny", "wan21_i2v_tiny"]
 # ... on every tiny backbone of the families it runs on
-PAIRS = [(m, b) for b in BACKBONES for m in METHODS if b.split("_")[0] in method_class(m).families]
+PAIRS = [(m, b) for b in BACKBONES for m in METHODS if family_of(b) in method_class(m).families]
 
 
 def train_config(method: str = "conceptprism", backbone: str = "sd15_tiny", *extra: str):

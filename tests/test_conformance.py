@@ -15,7 +15,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import PAIRS, condition, example_data, full_batch, make_backbone, make_method, predict, train_config
+from conftest import (PAIRS, condition, example_data, family_of, full_batch, make_backbone, make_method, predict,
+                      train_config)
 
 
 def _perturb(method, seed=1):
@@ -90,7 +91,7 @@ def trained(tmp_path_factory):
 def test_short_lightning_run_writes_a_concept(trained, method_name, backbone_name):
     folder = trained[(method_name, backbone_name)]
     meta = json.loads((folder / "concept.json").read_text())
-    assert meta["method"] == method_name and meta["backbone"]["family"] == backbone_name.split("_")[0]
+    assert meta["method"] == method_name and meta["backbone"]["family"] == family_of(backbone_name)
     assert all(stage["steps"] == 2 for stage in meta["training"]["stages"])
     assert (folder / "weights.safetensors").is_file() and (folder / "config.yaml").is_file()
     assert not folder.with_name(folder.name + ".partial").exists()
@@ -155,9 +156,9 @@ def test_concepts_of_all_methods_compose(trained, backbone_name):
 
 
 # Methods whose concept holds no LoRA adapter (token vectors or binders only).
-WITHOUT_LORA = {"textual_inversion", "mcpl", "bico", "kv_mixed"}
+WITHOUT_LORA = {"textual_inversion", "mcpl", "bico", "kv_mixed", "bindweave"}  # bindweave: tune=full by default
 # Methods whose concept holds no learned token vectors (LoRA weights or binders only).
-WITHOUT_EMBEDDINGS = {"lora", "bico", "kv_mixed"}
+WITHOUT_EMBEDDINGS = {"lora", "bico", "kv_mixed", "bindweave"}
 
 
 @pytest.mark.parametrize("method_name,backbone_name", [p for p in PAIRS if p[0] not in WITHOUT_LORA] +

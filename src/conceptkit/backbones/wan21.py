@@ -2,8 +2,9 @@
 AutoencoderKLWan + UMT5 encoder, flow matching.
 
 `task=i2v` is the same class with Wan2.1-I2V's denoiser (36 input channels, a CLIP image context and
-image K/V projections in every cross-attention): it renders only under a `VideoCondition` that an
-encoder method (BindWeave) sets (video_condition.py); everything else is shared with text-to-video.
+image K/V projections in every cross-attention), conditioned by a `VideoCondition` that an encoder
+method (BindWeave) sets (video_condition.py; without one: zero condition channels and zero CLIP rows);
+everything else is shared with text-to-video.
 
 Images train as one-frame videos. Training follows rectified flow: x_t = (1 - s) x_0 + s * eps,
 target = eps - x_0, with s drawn uniformly and shifted (shift 5 as in DiffSynth's Wan training,
@@ -214,12 +215,16 @@ class Wan21Backbone(Backbone):
     def condition(self) -> VideoCondition | None:
         return None if self._condition is None else self._condition[1]
 
-    def _required_condition(self) -> VideoCondition:
+    def _active_condition(self, latents: torch.Tensor) -> VideoCondition:
+        """The condition set by a method, else "no reference": no slot frames, zero condition channels
+        for the video and one picture's worth of zero CLIP rows (an unconditioned Wan2.1-I2V input)."""
         condition = self.condition()
-        if condition is None:
-            raise UserError(f"backbone {self.family} renders only from references: compose it with an encoder "
-                            f"concept that takes them (method bindweave) and give references=...")
-        return condition
+        if condition is not None:
+            return condition
+        _, _, _, h, w = latents.shape
+        encoder_dim = self.denoiser.config.image_dim
+        return VideoCondition(latents.new_zeros(1, 0, MASK_CHANNELS + latents.shape[1], h, w),
+                              latents.new_zeros(1, self.image_rows, encoder_dim))
 
     def reference_slot(self, canvas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One reference as a slot frame of the condition: (4 + z, h, w) = its mask (nearest-resized to the
@@ -378,7 +383,7 @@ class Wan21Backbone(Backbone):
         if self.layout_only:
             raise UserError("this full-size wan21_i2v was built on the meta device (weights=random without a GPU): "
                             "a layout for memory_estimate, it cannot run here")
-        condition = self._required_condition()
+        condition = self._active_condition(noisy)
         image = rows_for(condition.image_context, noisy.shape[0]).to(noisy.device, self.dtype)
         prediction = self.denoiser(hidden_states=self.i2v_input(noisy, condition).to(self.dtype), timestep=timesteps,
                                    encoder_hidden_states=context.to(self.dtype),
