@@ -310,3 +310,41 @@ def test_shapeworld_clip_corpus_items_are_captioned_clips_with_first_frame_masks
             assert item.caption[slice(*obj.span)] == obj.word and obj.mask.any()
             assert "moving" in item.caption or "still" in item.caption or "spinning" in item.caption
     assert not corpus[3].caption == ShapeWorldClipCorpus(size=20, seed=1)[3].caption
+
+
+def test_shapes_s2v_runs_end_to_end_on_the_tiny_backbone(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "conceptkit.cli", "bench", "suite=shapes_s2v", "methods=[bindweave]",
+                          "suite_backbone=wan21_i2v_tiny", "concepts=2", "samples_per_prompt=1", "sample_steps=2",
+                          "train_steps=2", "train_overrides=['data.corpus.workers=0','method.batch_size=1']",
+                          f"output={tmp_path / 's2v'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "s2v" / "results.json").read_text())
+    assert {r["variant"] for r in results["records"]} == {"named_words", "words_only", "bindweave"}
+    assert sorted(len(r["objects"]) for r in results["records"] if r["variant"] == "bindweave") == [1, 2]
+    for record in results["records"]:
+        assert all(0 <= record[m] <= 1 for m in ("identity", "exact", "count", "direction", "background"))
+        assert (tmp_path / "s2v" / record["strips"]).is_file()
+    assert (tmp_path / "s2v" / "results.md").is_file() and (tmp_path / "s2v" / "report.html").is_file()
+
+
+def test_s2v_scores_the_truth_as_right_and_another_case_as_wrong():
+    from conceptkit.bench.subject_video import score_clips, subject_video_cases
+    from conceptkit.world.factors import HELDOUT_COMBOS, Background, Motion, ObjectSpec, Scene
+    from conceptkit.world.render import render_clip
+
+    cases = subject_video_cases(2, 0, 64)
+    assert [len(c.combos) for c in cases] == [1, 2]
+    assert all(combo in HELDOUT_COMBOS for case in cases for combo in case.combos)
+    assert cases[1].prompt().startswith(("a {r0} moving", "an {r0} moving")) and "; " in cases[1].prompt()
+    case = cases[1]
+    objects = [ObjectSpec(*combo, "large", (0.3 + 0.4 * k, 0.3 + 0.4 * k)) for k, combo in enumerate(case.combos)]
+    motions = [Motion(direction, "fast") for direction in case.directions]
+    truth = [render_clip(Scene(objects, Background(case.background), motions), 9, 64)]
+    scores = score_clips(truth, case)
+    assert scores["identity"] == 1.0 and scores["count"] == 1.0 and scores["background"] == 1.0
+    assert scores["direction"] == 1.0
+    assert score_clips(truth, cases[0])["identity"] < 1.0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from conceptkit.errors import UserError
 
-SUITES = ("speed", "base_quality", "shapes_subject", "shapes_multi", "shapes_motion", "shapes_visual_prompts")
+SUITES = ("speed", "base_quality", "shapes_subject", "shapes_multi", "shapes_motion", "shapes_visual_prompts",
+          "shapes_s2v")
 
 
-DEFAULT_SUITE_BACKBONES = {"shapes_motion": "wan21_shapes"}  # the others: sd15_shapes
+DEFAULT_SUITE_BACKBONES = {"shapes_motion": "wan21_shapes", "shapes_s2v": "wan21_i2v_shapes"}  # others: sd15_shapes
 
 
 def run_suite(cfg):
@@ -40,4 +41,8 @@ def run_suite(cfg):
         from conceptkit.bench.visual_prompts import run_visual_prompts_suite
 
         return run_visual_prompts_suite(cfg)
+    if cfg.suite == "shapes_s2v":
+        from conceptkit.bench.subject_video import run_subject_video_suite
+
+        return run_subject_video_suite(cfg)
     raise UserError(f"unknown suite {cfg.suite!r}: choose one of {', '.join(SUITES)}")
