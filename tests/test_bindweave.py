@@ -348,3 +348,39 @@ def test_s2v_scores_the_truth_as_right_and_another_case_as_wrong():
     assert scores["identity"] == 1.0 and scores["count"] == 1.0 and scores["background"] == 1.0
     assert scores["direction"] == 1.0
     assert score_clips(truth, cases[0])["identity"] < 1.0
+
+
+def test_full_size_i2v_at_random_is_a_layout_on_the_meta_device_counted_on_paper(tmp_path):
+    """backbone=wan21_i2v backbone.weights=random without a GPU: Wan2.1-I2V-14B's layout, nothing
+    allocated; suite=layout counts its parameters and one sample's saved activations."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from conceptkit.bench.layout import run_layout_suite
+    from conceptkit.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the full-size I2V is allocated for real")
+    cfg = OmegaConf.create({"methods": ["bindweave"], "backbones": ["wan21_i2v"],
+                            "overrides": ["backbone.weights=random"], "output": str(tmp_path / "layout")})
+    run_layout_suite(cfg)
+    row = json.loads((tmp_path / "layout" / "results.json").read_text())["rows"][0]
+    parts = row["parts"]
+    assert 16.0e9 < parts["DiT (trains)"] < 16.8e9  # Wan2.1-I2V-14B with its image projections and embedder
+    assert 7.5e9 < parts["MLLM (Qwen2.5-VL-7B)"] < 8.0e9  # 8.3 B with the LM head, which is not loaded
+    assert 5.5e9 < parts["UMT5 text encoder"] < 5.8e9
+    assert parts["connector (trains)"] == 3584 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert row["activations"] > 100 * 2 ** 30 and row["attention_matrices"] > row["activations"]
+    backbone = make_backbone_with("wan21_i2v", "backbone.weights=random")
+    assert backbone.layout_only
+    with pytest.raises(UserError, match="meta device"):
+        backbone.denoise(torch.zeros(1, 16, 1, 4, 4), torch.tensor([1.0]), torch.zeros(1, 512, 4096))
+
+
+def make_backbone_with(name, *overrides):
+    from hydra.utils import instantiate
+
+    from conftest import train_config
+
+    return instantiate(train_config("bindweave", name, *overrides).backbone).load()

@@ -72,3 +72,15 @@ def load_mllm(source: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
                         f"a Qwen2.5-VL folder (e.g. Qwen/Qwen2.5-VL-7B-Instruct) where you have network and pass "
                         f"backbone.mllm=/path/to/it") from None
     return MultimodalStates(network, processor, source)
+
+
+# Qwen2.5-VL-7B-Instruct's sizes (its config.json), for layouts counted on the meta device (bench suite=layout).
+QWEN25_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31]),
+    tie_word_embeddings=False,
+)

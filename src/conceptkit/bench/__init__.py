@@ -5,7 +5,7 @@ from __future__ import annotations
 from conceptkit.errors import UserError
 
 SUITES = ("speed", "base_quality", "shapes_subject", "shapes_multi", "shapes_motion", "shapes_visual_prompts",
-          "shapes_s2v")
+          "shapes_s2v", "layout")
 
 
 DEFAULT_SUITE_BACKBONES = {"shapes_motion": "wan21_shapes", "shapes_s2v": "wan21_i2v_shapes"}  # others: sd15_shapes
@@ -41,6 +41,10 @@ def run_suite(cfg):
         from conceptkit.bench.visual_prompts import run_visual_prompts_suite
 
         return run_visual_prompts_suite(cfg)
+    if cfg.suite == "layout":
+        from conceptkit.bench.layout import run_layout_suite
+
+        return run_layout_suite(cfg)
     if cfg.suite == "shapes_s2v":
         from conceptkit.bench.subject_video import run_subject_video_suite
 
