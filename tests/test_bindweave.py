@@ -384,3 +384,30 @@ def make_backbone_with(name, *overrides):
     from conftest import train_config
 
     return instantiate(train_config("bindweave", name, *overrides).backbone).load()
+
+
+def test_a_large_concept_is_sharded_and_loads_identically(tmp_path, monkeypatch):
+    """A fully fine-tuned DiT goes into Hugging Face-style shards past SHARD_BYTES (forced small here)."""
+    import json
+
+    from conceptkit import artifact
+    from conceptkit.artifact import load_concept, write_concept
+
+    backbone = make_backbone("wan21_i2v_tiny")
+    method = attached(backbone)
+    with torch.no_grad():
+        method.connector.linear_1.bias.add_(1.0)
+        backbone.denoiser.proj_out.bias.add_(0.5)  # a tuned DiT weight
+    monkeypatch.setattr(artifact, "SHARD_BYTES", 64 * 1024)
+    folder = write_concept(tmp_path / "bw.concept", method, backbone, "{}", training={})
+    index = json.loads((folder / "weights.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (folder / "weights.safetensors").exists()
+    assert set(index["weight_map"]) == set(method.state_dict())
+    expected = {k: v.clone() for k, v in method.state_dict().items()}
+    method.detach(backbone)
+    fresh = make_backbone("wan21_i2v_tiny")
+    loaded, _ = load_concept(folder, fresh)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert torch.equal(fresh.denoiser.proj_out.bias, expected["tuned.proj_out__bias"])

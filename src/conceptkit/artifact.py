@@ -5,7 +5,9 @@
                       {name}; encoder: an adapter conditioned on reference pictures, compose's
                       references=), hparams, method_info, backbone (family, id, revision,
                       constructor config), tokens, training summary
-  weights.safetensors the method's state_dict (method tensors only, keys relative to the method)
+  weights.safetensors the method's state_dict (method tensors only, keys relative to the method); over
+                      SHARD_BYTES (a fully fine-tuned DiT) it is sharded as Hugging Face shards it:
+                      weights-00001-of-0000N.safetensors ... and weights.safetensors.index.json
   config.yaml         the resolved training config
   learned_embeds.safetensors / pytorch_lora_weights.safetensors
                       where the method has them: the same tensors in the layouts diffusers loads
@@ -32,6 +34,46 @@ from conceptkit.errors import UserError
 from conceptkit.registry import backbone_class, method_class
 
 FORMAT_VERSION = 1
+SHARD_BYTES = 4 * 1024 ** 3  # weights above this go in several files (what hub tools and loaders expect)
+WEIGHTS, WEIGHTS_INDEX = "weights.safetensors", "weights.safetensors.index.json"
+
+
+def save_weights(tensors: dict[str, torch.Tensor], folder: Path, metadata: dict[str, str]) -> None:
+    """`weights.safetensors`, or shards and their index (Hugging Face's layout) past SHARD_BYTES."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS), metadata=metadata)
+        return
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        name = f"weights-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total, **metadata},
+                                                    "weight_map": weight_map}, indent=2) + "\n")
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (folder / WEIGHTS).is_file():
+        return load_file(str(folder / WEIGHTS))
+    index = json.loads((folder / WEIGHTS_INDEX).read_text())
+    tensors = {}
+    for name in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(folder / name)))
+    return tensors
 
 
 def write_concept(folder: Path, method, backbone, config_yaml: str, training: dict[str, Any],
@@ -63,7 +105,7 @@ def write_concept(folder: Path, method, backbone, config_yaml: str, training: di
     }
     (staging / "concept.json").write_text(json.dumps(meta, indent=2) + "\n")
     tensors = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    save_file(tensors, str(staging / "weights.safetensors"), metadata={"format": "conceptkit", "method": method.name})
+    save_weights(tensors, staging, metadata={"format": "conceptkit", "method": method.name})
     for filename, file_tensors in method.interop_files(backbone).items():
         save_file(file_tensors, str(staging / filename), metadata={"format": "pt", "conceptkit_method": method.name})
     (staging / "config.yaml").write_text(config_yaml)
@@ -98,7 +140,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if kind != cls.kind:
         raise UserError(f"{path} says kind {kind!r}, but {meta['method']} concepts are {cls.kind!r}; the concept "
                         f"folder is damaged")
-    if not (folder / "weights.safetensors").is_file():
+    if not (folder / WEIGHTS).is_file() and not (folder / WEIGHTS_INDEX).is_file():
         raise UserError(f"{folder} has no weights.safetensors; the concept folder is damaged")
     return meta
 
@@ -125,7 +167,6 @@ def build_method(meta: dict[str, Any], where: str = "concept"):
 def load_concept(folder: Path, backbone):
     """Read a concept folder and attach it to a loaded backbone. Returns (method, meta)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     meta = read_meta(folder)
@@ -134,8 +175,8 @@ def load_concept(folder: Path, backbone):
         raise UserError(f"concept {folder} was trained on backbone family {family}, but the backbone here is "
                         f"{backbone.family}; use backbone={family}")
     try:
-        tensors = load_file(str(folder / "weights.safetensors"))
-    except (SafetensorError, OSError) as error:
+        tensors = load_weights(folder)
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as error:
         raise UserError(f"{folder}/weights.safetensors cannot be read ({error}); the concept folder is damaged") from None
     method = build_method(meta, str(folder))
     method.attach(backbone)
