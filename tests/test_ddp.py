@@ -37,3 +37,26 @@ def test_ddp_on_two_cpu_processes_trains_every_step_and_writes_one_concept(tmp_p
     with open(concept / "logs" / "lora" / "metrics.csv", newline="") as file:
         assert [int(row["step"]) for row in csv.DictReader(file)] == [0, 1, 2, 3]  # rank 0's rows, once
     print(f"ddp test: {seconds:.1f} s")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.slow
+def test_ddp_fine_tunes_a_registered_dit_on_two_processes(tmp_path):
+    """BindWeave's tune=full trains the DiT itself: its parameters are the method's (held by reference),
+    so the LightningModule registers them and DDP all-reduces their gradients. Two gloo processes,
+    wan21_i2v_tiny, one concept holding the tuned DiT (~60 s on 2 cores; slow: `pytest -m slow`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "conceptkit.cli", "train", "method=bindweave", "backbone=wan21_i2v_tiny", "name=duo",
+         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=2",
+         "trainer.progress_bar=false", "sample.count=0", "data.corpus.workers=0", "output=duo.concept"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["duo.concept"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "duo.concept" / "weights.safetensors"))
+    assert any(k.startswith("tuned.blocks__0__attn2__add_k_proj") for k in weights)
