@@ -193,8 +193,22 @@ class Backbone:
         return self
 
     # auxiliary encoders -----------------------------------------------------------------------
+    image_encoder_name: str | None = None  # backbone.image_encoder (families that have one): None = the default
+
     def image_encoder_source(self) -> str:
-        raise UserError(f"backbone family {self.family} has no image encoder for encoder methods yet; use sd15")
+        """The frozen image encoder of encoder methods (conceptkit.encoders): `backbone.image_encoder` if
+        given; else a test-size CLIP for tiny, the shipped ShapeWorld encoder for the toys, ViT-H/14 at
+        random for weights=random, and the family's own for real weights (`_pretrained_image_encoder`)."""
+        if self.image_encoder_name:
+            return self.image_encoder_name
+        if self.architecture == "tiny":
+            return "random:tiny"
+        if self.architecture == "shapes":
+            return str(shipped_encoder_folder("shapes_clip"))
+        return "random:vit-h-14" if self.weights == "random" else self._pretrained_image_encoder()
+
+    def _pretrained_image_encoder(self) -> str:
+        raise UserError(f"backbone family {self.family} has no image encoder for encoder methods; use sd15 or wan21_i2v")
 
     def image_encoder(self):
         """The frozen image encoder encoder methods condition on (conceptkit.encoders), built on first

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conceptkit.attention import AttentionSite, UNetAttnProcessor
-from conceptkit.backbones.base import Backbone, LatentDistribution, NoisyBatch, shipped_encoder_folder
+from conceptkit.backbones.base import Backbone, LatentDistribution, NoisyBatch
 from conceptkit.errors import UserError
 from conceptkit.tokens import TokenizedPrompts
 
@@ -62,17 +62,8 @@ class SD15Backbone(Backbone):
                     dtype=self.dtype_name, resolution=self.resolution, max_text_tokens=self.max_text_tokens,
                     seed=self.seed, default_scheduler=self.default_scheduler, image_encoder=self.image_encoder_name)
 
-    def image_encoder_source(self) -> str:
-        """The frozen image encoder of encoder methods (conceptkit.encoders): IP-Adapter-Plus's ViT-H/14
-        for real SD1.5, its architecture at random for weights=random, the shipped ShapeWorld encoder for
-        the toy, a test-size CLIP for tiny."""
-        if self.image_encoder_name:
-            return self.image_encoder_name
-        if self.architecture == "tiny":
-            return "random:tiny"
-        if self.architecture == "shapes":
-            return str(shipped_encoder_folder("shapes_clip"))
-        return "random:vit-h-14" if self.weights == "random" else "h94/IP-Adapter:models/image_encoder"
+    def _pretrained_image_encoder(self) -> str:
+        return "h94/IP-Adapter:models/image_encoder"  # the ViT-H/14 IP-Adapter-Plus for SD1.5 conditions on
 
     def auxiliary_default(self, kind: str) -> str:
         """Compositional guidance's segmenter and identity encoder: CLIPSeg and DINOv2 (the paper's

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptkit.attention import AttentionSite, ContextRows, WanAttnProcessor
-from conceptkit.backbones.base import (Backbone, LatentDistribution, NoisyBatch, shipped_encoder_folder,
-                                       shipped_weights_folder)
+from conceptkit.backbones.base import Backbone, LatentDistribution, NoisyBatch, shipped_weights_folder
 from conceptkit.backbones.video_condition import MASK_CHANNELS, ContextKeyPadding, VideoCondition, rows_for
 from conceptkit.errors import UserError
 from conceptkit.tokens import TokenizedPrompts
@@ -155,20 +154,11 @@ class Wan21Backbone(Backbone):
         return super()._source()
 
     # image-to-video ---------------------------------------------------------------------------
-    def image_encoder_source(self) -> str:
+    def _pretrained_image_encoder(self) -> str:
         """i2v's CLIP image encoder: Wan2.1-I2V's own (CLIPVisionModel ViT-H/14, the checkpoint's
-        image_encoder folder), its architecture at random for weights=random, the shipped ShapeWorld
-        encoder for the toy, a test-size CLIP for tiny."""
+        image_encoder folder)."""
         if self.task != "i2v":
-            return super().image_encoder_source()
-        if self.image_encoder_name:
-            return self.image_encoder_name
-        if self.architecture == "tiny":
-            return "random:tiny"
-        if self.architecture == "shapes":
-            return str(shipped_encoder_folder("shapes_clip"))
-        if self.weights == "random":
-            return "random:vit-h-14"
+            return super()._pretrained_image_encoder()
         return str(Path(self.path) / "image_encoder") if self.path else f"{self.pretrained}:image_encoder"
 
     def mllm_source(self) -> str:

@@ -109,7 +109,7 @@ def clip_frames(media: torch.Tensor) -> list[np.ndarray]:
 
 
 def score_clips(clips: list[np.ndarray], case: SubjectVideoCase) -> dict[str, float]:
-    from conceptkit.matching import hungarian
+    from conceptkit.bench.visual_prompts import match_references
     from conceptkit.world.oracle import read_clip
 
     identity, exact, direction, counts, backgrounds = [], [], [], [], []
@@ -117,16 +117,10 @@ def score_clips(clips: list[np.ndarray], case: SubjectVideoCase) -> dict[str, fl
         reading = read_clip(clip)
         backgrounds.append(reading.background_colour == case.background)
         counts.append(len(reading.objects) == len(case.combos))
-        agree = np.zeros((len(case.combos), max(1, len(reading.objects))))
-        for k, (shape, colour, pattern) in enumerate(case.combos):
-            for j, obj in enumerate(reading.objects):
-                agree[k, j] = (obj.shape == shape) + (obj.colour == colour) + (obj.pattern == pattern)
-        matched = {m.row: m.column for m in hungarian(agree, maximize=True)} if reading.objects else {}
-        for k in range(len(case.combos)):
-            score = agree[k, matched[k]] / 3 if k in matched else 0.0
+        for k, (score, j) in enumerate(match_references(case.combos, reading.objects)):
             identity.append(score)
             exact.append(score == 1.0)
-            direction.append(k in matched and reading.motions[matched[k]].direction == case.directions[k])
+            direction.append(j is not None and reading.motions[j].direction == case.directions[k])
     return {"identity": float(np.mean(identity)), "exact": float(np.mean(exact)), "count": float(np.mean(counts)),
             "direction": float(np.mean(direction)), "background": float(np.mean(backgrounds))}
 
@@ -139,25 +133,12 @@ def _variants(cfg) -> dict[str, list[str]]:
     return {str(m): [str(m)] for m in cfg.methods}
 
 
-def _train_variant(label: str, spec: list[str], cfg, work: Path) -> tuple[Path, float]:
-    from conceptkit.bench.suites import suite_backbone_overrides
-    from conceptkit.config import compose
-    from conceptkit.training.run import train
-
-    overrides = [f"method={spec[0]}", *suite_backbone_overrides(cfg), f"name=s2v_{label}",
-                 f"output={work / (label + '.concept')}", "sample.count=0", "trainer.progress_bar=true",
-                 *spec[1:], *cfg.train_overrides]
-    if cfg.train_steps is not None:
-        overrides.append(f"trainer.max_steps={cfg.train_steps}")
-    started = time.time()
-    return train(compose("train", overrides)), time.time() - started
-
-
 def run_subject_video_suite(cfg) -> Path:
     from hydra.utils import instantiate
 
     from conceptkit.artifact import load_concept
     from conceptkit.bench.suites import _suite_setup, write_variant_report
+    from conceptkit.bench.visual_prompts import identity_by_count, means_table, variant_concepts
     from conceptkit.config import compose
     from conceptkit.media import frame_strip, save_png
 
@@ -190,12 +171,7 @@ def run_subject_video_suite(cfg) -> Path:
         render("words_only", case, lambda: torch.cat([base.generate([case.word_prompt()], seed=s, **sample)
                                                      for s in seeds]))
     trained = {}
-    for label, spec in variants.items():
-        if cfg.get("concept_folder"):
-            folder, seconds = Path(cfg.concept_folder), 0.0
-        else:
-            print(f"training {label} ({' '.join(spec)}) ...", flush=True)
-            folder, seconds = _train_variant(label, spec, cfg, work)
+    for label, folder, seconds in variant_concepts(cfg, variants, work, "s2v"):
         trained[label] = {"folder": str(folder), "train_seconds": round(seconds, 1)}
         method, _ = load_concept(folder, backbone)
         method.eval()
@@ -206,21 +182,13 @@ def run_subject_video_suite(cfg) -> Path:
         method.detach(backbone)
     (output / "results.json").write_text(json.dumps({"suite": "shapes_s2v", "records": records, "trained": trained},
                                                     indent=2) + "\n")
-    labels = list(dict.fromkeys(r["variant"] for r in records))
+    table, series = means_table(records, METRICS)
     lines = ["# shapes_s2v", "",
              f"backbone {cfg.suite_backbone} (rows named_words / words_only: {base_name}); {len(cases)} cases "
              f"(1-2 held-out subjects, one reference each, each moving its own way); {len(seeds)} seeds per case",
-             "", "| row | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    series = {}
-    for label in labels:
-        rows = [r for r in records if r["variant"] == label]
-        means = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
-        series[label] = {m: v for m, v in means.items() if m != "seconds"}
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |")
+             "", *table]
     for n in (1, 2):
-        lines += ["", f"{n} subject(s): identity by row: " + ", ".join(
-            f"{label} {np.mean([r['identity'] for r in records if r['variant'] == label and len(r['objects']) == n]):.2f}"
-            for label in labels if any(len(r["objects"]) == n for r in records if r["variant"] == label))]
+        lines += ["", identity_by_count(records, n, "subject")]
     markdown = "\n".join(lines) + "\n"
     (output / "results.md").write_text(markdown)
     write_variant_report(output, "shapes_s2v", markdown, [m for m in METRICS if m != "seconds"], series)

@@ -110,8 +110,20 @@ def visual_prompt_cases(count: int, seed: int, resolution: int) -> list[VisualPr
     return cases
 
 
-def score_case(images: list[np.ndarray], case: VisualPromptCase, lpips=None) -> dict[str, float | None]:
+def match_references(combos, objects) -> list[tuple[float, int | None]]:
+    """Each asked (shape, colour, pattern) matched to one read object (Hungarian on the number of agreeing
+    factors): (share of the three factors that agree, the object's index), (0.0, None) if unmatched."""
     from conceptkit.matching import hungarian
+
+    agree = np.zeros((len(combos), max(1, len(objects))))
+    for k, (shape, colour, pattern) in enumerate(combos):
+        for j, obj in enumerate(objects):
+            agree[k, j] = (obj.shape == shape) + (obj.colour == colour) + (obj.pattern == pattern)
+    matched = {m.row: m.column for m in hungarian(agree, maximize=True)} if objects else {}
+    return [(agree[k, matched[k]] / 3, matched[k]) if k in matched else (0.0, None) for k in range(len(combos))]
+
+
+def score_case(images: list[np.ndarray], case: VisualPromptCase, lpips=None) -> dict[str, float | None]:
     from conceptkit.world.oracle import read_image
 
     identity, exact, counts, backgrounds = [], [], [], []
@@ -120,17 +132,11 @@ def score_case(images: list[np.ndarray], case: VisualPromptCase, lpips=None) -> 
         reading = read_image(image)
         backgrounds.append(reading.background_colour == case.background)
         counts.append(len(reading.objects) == len(case.combos))
-        agree = np.zeros((len(case.combos), max(1, len(reading.objects))))
-        for k, (shape, colour, pattern) in enumerate(case.combos):
-            for j, obj in enumerate(reading.objects):
-                agree[k, j] = (obj.shape == shape) + (obj.colour == colour) + (obj.pattern == pattern)
-        matched = {m.row: m.column for m in hungarian(agree, maximize=True)} if reading.objects else {}
-        for k in range(len(case.combos)):
-            score = agree[k, matched[k]] / 3 if k in matched else 0.0
+        for k, (score, j) in enumerate(match_references(case.combos, reading.objects)):
             identity.append(score)
             exact.append(score == 1.0)
-            if k in matched:
-                centres[k].append(reading.objects[matched[k]].centre)
+            if j is not None:
+                centres[k].append(reading.objects[j].centre)
     spreads = [float(np.linalg.norm(np.std(np.array(c), axis=0))) for c in centres.values() if len(c) >= 2]
     pixels = [torch.from_numpy(i).float() / 255 for i in images]
     pairs = [(a, b) for a in range(len(pixels)) for b in range(a + 1, len(pixels))]
@@ -163,18 +169,54 @@ def _variants(cfg) -> dict[str, list[str]]:
     return dict(DEFAULT_VARIANTS) if not cfg.get("concept_folder") else {"kv_mixed": ["kv_mixed"]}
 
 
-def _train_variant(label: str, spec: list[str], cfg, work: Path) -> tuple[Path, float]:
+def train_encoder_variant(label: str, spec: list[str], cfg, work: Path, prefix: str) -> tuple[Path, float]:
+    """Train one row's encoder concept ([method, overrides...]) on the suite's backbone: (folder, seconds)."""
     from conceptkit.bench.suites import suite_backbone_overrides
     from conceptkit.config import compose
     from conceptkit.training.run import train
 
-    overrides = [f"method={spec[0]}", *suite_backbone_overrides(cfg), f"name=kv_{label}",
+    overrides = [f"method={spec[0]}", *suite_backbone_overrides(cfg), f"name={prefix}_{label}",
                  f"output={work / (label + '.concept')}", "sample.count=0", "trainer.progress_bar=true",
                  *spec[1:], *cfg.train_overrides]
     if cfg.train_steps is not None:
         overrides.append(f"trainer.max_steps={cfg.train_steps}")
     started = time.time()
     return train(compose("train", overrides)), time.time() - started
+
+
+def variant_concepts(cfg, variants: dict[str, list[str]], work: Path, prefix: str):
+    """(label, concept folder, training seconds) per row: `concept_folder=` (one concept already trained)
+    for every row, else each row's concept trained here."""
+    for label, spec in variants.items():
+        if cfg.get("concept_folder"):
+            yield label, Path(cfg.concept_folder), 0.0
+            continue
+        print(f"training {label} ({' '.join(spec)}) ...", flush=True)
+        folder, seconds = train_encoder_variant(label, spec, cfg, work, prefix)
+        yield label, folder, seconds
+
+
+def means_table(records: list[dict], metrics: tuple[str, ...]) -> tuple[list[str], dict]:
+    """The markdown rows of each variant's means over its records (None-valued entries skipped; "-" where
+    none has a value), and the plot series (every metric but seconds)."""
+    lines = ["| row | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    series = {}
+    for label in dict.fromkeys(r["variant"] for r in records):
+        rows = [r for r in records if r["variant"] == label]
+        means = {m: (np.mean([r[m] for r in rows if r[m] is not None]) if any(r[m] is not None for r in rows) else None)
+                 for m in metrics}
+        series[label] = {m: v for m, v in means.items() if v is not None and m != "seconds"}
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in means.values()) + " |")
+    return lines, series
+
+
+def identity_by_count(records: list[dict], count: int, noun: str) -> str:
+    """One line: each variant's mean identity over the cases of `count` objects."""
+    labels = [label for label in dict.fromkeys(r["variant"] for r in records)
+              if any(len(r["objects"]) == count for r in records if r["variant"] == label)]
+    return f"{count} {noun}(s): identity by row: " + ", ".join(
+        f"{label} {np.mean([r['identity'] for r in records if r['variant'] == label and len(r['objects']) == count]):.2f}"
+        for label in labels)
 
 
 def run_visual_prompts_suite(cfg) -> Path:
@@ -207,12 +249,7 @@ def run_visual_prompts_suite(cfg) -> Path:
         render("words_only", case, lambda: torch.cat([backbone.generate([case.word_prompt()], seed=s, **sample)
                                                      for s in seeds]))
     trained = {}
-    for label, spec in variants.items():
-        if cfg.get("concept_folder"):
-            folder, seconds = Path(cfg.concept_folder), 0.0
-        else:
-            print(f"training {label} ({' '.join(spec)}) ...", flush=True)
-            folder, seconds = _train_variant(label, spec, cfg, work)
+    for label, folder, seconds in variant_concepts(cfg, variants, work, "kv"):
         trained[label] = {"folder": str(folder), "train_seconds": round(seconds, 1)}
         method, _ = load_concept(folder, backbone)
         method.eval()
@@ -231,22 +268,13 @@ def run_visual_prompts_suite(cfg) -> Path:
         method.detach(backbone)
     (output / "results.json").write_text(json.dumps({"suite": "shapes_visual_prompts", "records": records,
                                                       "trained": trained, "lpips": lpips is not None}, indent=2) + "\n")
-    labels = list(dict.fromkeys(r["variant"] for r in records))
+    table, series = means_table(records, METRICS)
     lines = ["# shapes_visual_prompts", "",
              f"backbone {cfg.suite_backbone}; {len(cases)} cases (1-3 held-out objects, one reference each); "
              f"{len(seeds)} seeds per case; LPIPS {'on' if lpips is not None else 'not available offline (pixel_spread instead)'}",
-             "", "| row | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    series = {}
-    for label in labels:
-        rows = [r for r in records if r["variant"] == label]
-        means = {m: (np.mean([r[m] for r in rows if r[m] is not None]) if any(r[m] is not None for r in rows) else None)
-                 for m in METRICS}
-        series[label] = {m: v for m, v in means.items() if v is not None and m != "seconds"}
-        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in means.values()) + " |")
+             "", *table]
     for n in (1, 2, 3):
-        lines += ["", f"{n} object(s): identity by row: " + ", ".join(
-            f"{label} {np.mean([r['identity'] for r in records if r['variant'] == label and len(r['objects']) == n]):.2f}"
-            for label in labels if any(len(r["objects"]) == n for r in records if r["variant"] == label))]
+        lines += ["", identity_by_count(records, n, "object")]
     markdown = "\n".join(lines) + "\n"
     (output / "results.md").write_text(markdown)
     write_variant_report(output, "shapes_visual_prompts", markdown, [m for m in METRICS if m != "seconds"], series)
