@@ -117,6 +117,7 @@ def test_four_reference_slots_come_before_the_video_and_their_output_is_dropped(
         torch.testing.assert_close(model_input[:, :z, 4:], noisy)
         slots = model_input[:, z:, :4]
         torch.testing.assert_close(slots[0].transpose(0, 1), condition.slot_latents[0])
+        assert condition.slot_latents.shape[2:] == backbone.slot_shape()
         assert slots[0, :, 2:].abs().sum() == 0  # two references: slots 3 and 4 all zero
         assert slots[0, 1:4, :2].abs().sum() == 0 and slots[0, 0, :2].sum() > 0  # mask in channel 0 only
         video_part = model_input[:, z:, 4:]

@@ -157,21 +157,17 @@ class BindWeave(ConceptMethod):
         rows = backbone.image_rows
         slot_rows, image_rows = [], []
         for references in canvases:
-            slots = None
+            slots = torch.zeros(SLOTS, *backbone.slot_shape(), device=backbone.device)
             image = torch.zeros(SLOTS * rows, encoder.grid_dim, device=backbone.device)
             if references:
+                stacked = torch.stack([canvas for canvas, _ in references])
                 with torch.no_grad():
-                    latents = [backbone.reference_slot(canvas, mask) for canvas, mask in references]
-                    grid = encoder.encode(torch.stack([(c + 1) / 2 for c, _ in references])).grid  # (K, rows, D)
-                slots = torch.zeros(SLOTS, *latents[0].shape, device=backbone.device)
-                if self.vae_stream:
-                    slots[: len(latents)] = torch.stack(latents)
-                if self.clip_stream:
-                    image[: grid.shape[0] * rows] = grid.flatten(0, 1).to(image.device)
-            if slots is None:
-                shape = backbone.reference_slot(torch.zeros(3, backbone.resolution, backbone.resolution),
-                                                torch.zeros(backbone.resolution, backbone.resolution)).shape
-                slots = torch.zeros(SLOTS, *shape, device=backbone.device)
+                    if self.vae_stream:
+                        slots[: len(references)] = backbone.reference_slots(
+                            stacked, torch.stack([mask for _, mask in references]))
+                    if self.clip_stream:
+                        grid = encoder.encode((stacked + 1) / 2).grid  # (K, rows, D)
+                        image[: grid.shape[0] * rows] = grid.flatten(0, 1).to(image.device)
             slot_rows.append(slots)
             image_rows.append(image)
         pictures = [[canvas_picture(c, self.mllm_scale) for c, _ in references] for references in canvases]

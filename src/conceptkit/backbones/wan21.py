@@ -216,15 +216,21 @@ class Wan21Backbone(Backbone):
         return VideoCondition(latents.new_zeros(1, 0, MASK_CHANNELS + latents.shape[1], h, w),
                               latents.new_zeros(1, self.image_rows, encoder_dim))
 
-    def reference_slot(self, canvas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One reference as a slot frame of the condition: (4 + z, h, w) = its mask (nearest-resized to the
+    def reference_slots(self, canvases: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """References as slot frames of the condition: (K, 4 + z, h, w) = each mask (nearest-resized to the
         latent grid) in channel 0 of the mask block, the other three zero, then the VAE latents (the
-        posterior's mode) of its canvas ((3, H, W) in [-1, 1], the video's size) as a one-frame video."""
-        latents = self.encode_media(canvas[None, :, None]).mean[0, :, 0]  # (z, h, w)
-        h, w = latents.shape[-2:]
-        block = torch.zeros(MASK_CHANNELS, h, w, device=latents.device)
-        block[0] = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].to(latents.device)
-        return torch.cat([block, latents])
+        posterior's mode) of each canvas ((K, 3, H, W) in [-1, 1], the video's size) as a one-frame video;
+        one batched VAE call for all K."""
+        latents = self.encode_media(canvases[:, :, None]).mean[:, :, 0]  # (K, z, h, w)
+        block = torch.zeros(latents.shape[0], MASK_CHANNELS, *latents.shape[-2:], device=latents.device)
+        block[:, 0] = F.interpolate(masks[:, None].float(), size=latents.shape[-2:], mode="nearest")[:, 0].to(latents.device)
+        return torch.cat([block, latents], dim=1)
+
+    def slot_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(4 + z, h, w) of one reference slot for a video of this size."""
+        height, width = height or self.resolution, width or self.resolution
+        return (MASK_CHANNELS + self.denoiser.config.out_channels, height // self.spatial_factor,
+                width // self.spatial_factor)
 
     def _zero_video_condition(self, frames: int, h: int, w: int) -> torch.Tensor:
         """(1, 4 + z, frames, h, w): the video part's condition, a zero mask and the VAE latents of an
