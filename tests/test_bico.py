@@ -719,7 +719,7 @@ def test_vlm_is_loaded_once_per_concept_and_sees_the_clip(tiny_qwen_vl, tmp_path
 
     from conceptkit.captioning import VisionLanguageModel
     from conceptkit.methods.bico import BiCo
-    from conceptkit.methods.bico.diversify import CLIP_INSTRUCTION, FRAME_INSTRUCTION, INSTRUCTION
+    from conceptkit.vlm_requests import CLIP_INSTRUCTION, FRAME_INSTRUCTION, INSTRUCTION
     from conceptkit.methods.bico.temporal import frame_images
 
     from conftest import GenerateSpy
@@ -810,8 +810,7 @@ def test_concept_phrases_parser_reads_two_lines_or_the_codes_json_else_none():
 
 
 def test_phrase_instructions_frame_gets_only_the_spatial_phrases_clip_gets_both():
-    from conceptkit.methods.bico.diversify import (CLIP_INSTRUCTION, FRAME_INSTRUCTION, clip_instruction,
-                                                   frame_instruction)
+    from conceptkit.vlm_requests import CLIP_INSTRUCTION, FRAME_INSTRUCTION, clip_instruction, frame_instruction
 
     phrases = {"spatial": ["red square", "grey background"], "temporal": ["sliding right", "speeding up"]}
     frame = frame_instruction(phrases)

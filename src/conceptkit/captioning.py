@@ -85,20 +85,40 @@ class VisionLanguageModel:
             torch.cuda.empty_cache()
 
 
+SHIPPED_VLMS = ("shapes_qwen25vl",)  # trained by `conceptkit pretrain vlm=<name>`, shipped in the package
+
+
+def resolve_vlm(model: str, setting: str) -> str:
+    """A shipped VLM's name -> its package folder (a local folder of that name wins); other names as given.
+    A shipped name whose weights are missing: one line saying how to train them."""
+    from conceptkit.backbones.base import shipped_vlm_folder
+
+    model = str(model)
+    if model not in SHIPPED_VLMS or Path(model).exists():
+        return model
+    folder = shipped_vlm_folder(model)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{setting}={model}: the shipped ShapeWorld VLM is missing from {folder}; train it with "
+                        f"conceptkit pretrain vlm={model}")
+    return str(folder)
+
+
 def load_vlm(model: str, setting: str = "data.captioner") -> VisionLanguageModel:
-    """Load `model` (hub id or local folder) once. `setting` names the config key in the one-line error."""
+    """Load `model` (hub id, local folder, or a shipped name: SHIPPED_VLMS) once. `setting` names the
+    config key in the one-line error."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    name, model = str(model), resolve_vlm(model, setting)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         processor = AutoProcessor.from_pretrained(model)
         network = AutoModelForImageTextToText.from_pretrained(
-            model, torch_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
+            model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
     except (OSError, ValueError) as error:
         raise UserError(f"{setting}: cannot load captioning model {model!r} ({type(error).__name__}); "
                         f"point it at a local folder or set {setting}=null") from None
-    return VisionLanguageModel(name=str(model), processor=processor, network=network, device=device)
+    return VisionLanguageModel(name=name, processor=processor, network=network, device=device)
 
 
 def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_tokens: int,

@@ -13,6 +13,7 @@ commands:
             quality on the ShapeWorld: conceptkit bench suite=shapes_subject methods=[textual_inversion,lora,conceptprism]
   pretrain  ShapeWorld toy backbones: conceptkit pretrain backbone=sd15_shapes
             and their image encoder (encoder methods): conceptkit pretrain encoder=shapes_clip
+            and their vision-language model (captions, prompts, MLLM states): conceptkit pretrain vlm=shapes_qwen25vl
   ls        list methods and backbones, and the concepts in a folder: conceptkit ls [folder]
 
 Arguments are Hydra overrides of the configs in conf/ (train.yaml, compose.yaml, bench.yaml).
@@ -71,6 +72,12 @@ def _run(command: str, overrides: list[str]) -> int:
 
         output = pretrain_encoder(cfg, overrides)
         print(f"image encoder written to {output}")
+    elif command == "pretrain" and any(o.startswith("vlm=") for o in overrides):
+        cfg = compose("pretrain_vlm", overrides)
+        from conceptkit.training.pretrain_vlm import pretrain_vlm
+
+        output = pretrain_vlm(cfg, overrides)
+        print(f"vision-language model written to {output}")
     elif command == "pretrain":
         cfg = compose("pretrain", overrides)
         from conceptkit.training.pretrain import pretrain

@@ -132,6 +132,22 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
 
 
 @dataclass
+class PretrainVlmSettings:  # conf/pretrain_vlm.yaml
+    vlm: str = "shapes_qwen25vl"
+    init: str | None = None
+    trainer: Any = None
+    corpus: Any = None
+    evaluation: Any = None
+    model: Any = None
+    train: Any = None
+    output: str | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    debug: bool = False
+
+
+@dataclass
 class PretrainEncoderSettings:  # conf/pretrain_encoder.yaml
     encoder: str = "shapes_clip"
     trainer: Any = None
@@ -197,6 +213,7 @@ SECTIONS = {
     "compose": (ComposeSettings, {}),
     "bench": (BenchSettings, {}),
     "pretrain_encoder": (PretrainEncoderSettings, {"trainer": TrainerSettings}),
+    "pretrain_vlm": (PretrainVlmSettings, {"trainer": TrainerSettings}),
     "pretrain": (PretrainSettings, {"trainer": TrainerSettings, "corpus": CorpusSettings, "vae": VaeRecipe,
                                     "denoiser": DenoiserRecipe}),
 }

@@ -8,6 +8,7 @@ frozen and never part of a concept; `Backbone.mllm()` builds it on first use.
 Sources (`backbone.mllm`):
   - a hub id or local folder of a Qwen2.5-VL checkpoint (Qwen/Qwen2.5-VL-7B-Instruct for BindWeave):
     the decoder is loaded without its LM head (`Qwen2_5_VLModel`), the processor with it
+  - `shapes_qwen25vl`: the shipped ShapeWorld Qwen2.5-VL (`conceptkit pretrain vlm=shapes_qwen25vl`), the toy's
   - `random:qwen25vl-tiny`: the same classes at test size, seeded (conceptkit/backbones/tiny_qwen_vl.py)
 """
 
@@ -64,6 +65,9 @@ def load_mllm(source: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
         return MultimodalStates(network.to(dtype), processor, source)
     from transformers import AutoProcessor, Qwen2_5_VLModel
 
+    from conceptkit.captioning import resolve_vlm
+
+    source = resolve_vlm(source, "backbone.mllm")
     try:
         processor = AutoProcessor.from_pretrained(source)
         network = Qwen2_5_VLModel.from_pretrained(source, dtype=dtype)

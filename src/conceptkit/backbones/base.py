@@ -83,6 +83,14 @@ def shipped_encoder_folder(name: str):
     return Path(str(resources.files("conceptkit"))) / "assets" / "encoders" / name
 
 
+def shipped_vlm_folder(name: str):
+    """Where the ShapeWorld vision-language model ships inside the package (a transformers folder)."""
+    from importlib import resources
+    from pathlib import Path
+
+    return Path(str(resources.files("conceptkit"))) / "assets" / "vlms" / name
+
+
 class Backbone:
     """Base for the backbone families. Construction is cheap (config only); `load()` builds modules."""
 

@@ -46,8 +46,8 @@ PATCH, MERGE = 14, 2  # Qwen2.5-VL's: 14-pixel patches, 2x2 merged into one toke
 SIDE = PATCH * MERGE * 2  # a square image is resized to 56 x 56 pixels: 4 x 4 patches -> 4 image tokens
 
 
-def _bpe_vocab_and_merges(vocab_size: int = 400):
-    """A byte-level BPE learned on CORPUS with Qwen's pre-tokenizer: (vocab dict, merges list)."""
+def _bpe_vocab_and_merges(vocab_size: int = 400, corpus=CORPUS):
+    """A byte-level BPE learned on `corpus` with Qwen's pre-tokenizer: (vocab dict, merges list)."""
     import json
 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -60,44 +60,53 @@ def _bpe_vocab_and_merges(vocab_size: int = 400):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.train_from_iterator(corpus, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(vocab_size: int = 400, corpus=CORPUS):
+    """A Qwen2 tokenizer whose byte-level BPE is learned on `corpus` (the ShapeWorld captioner: the
+    world's captions and the instructions it answers), with Qwen's special tokens."""
     from transformers import Qwen2TokenizerFast
 
-    vocab, merges = _bpe_vocab_and_merges()
+    vocab, merges = _bpe_vocab_and_merges(vocab_size, corpus)
     tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", additional_special_tokens=list(SPECIAL_TOKENS[1:]))
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     return tokenizer
 
 
-def tiny_processor():
+def tiny_processor(tokenizer=None, side: int = SIDE):
+    """Qwen's processors around `tokenizer` (default: the test one); every image resized to side x side."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    pixels = {"shortest_edge": SIDE * SIDE, "longest_edge": SIDE * SIDE}  # min / max pixel counts: always 56 x 56
+    pixels = {"shortest_edge": side * side, "longest_edge": side * side}  # min / max pixel counts: always side x side
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=PATCH, merge_size=MERGE),
         video_processor=Qwen2VLVideoProcessor(size=pixels, patch_size=PATCH, merge_size=MERGE),
-        tokenizer=tiny_tokenizer(), chat_template=CHAT_TEMPLATE)
+        tokenizer=tokenizer or tiny_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(tokenizer):
+# The test model's sizes; the ShapeWorld captioner passes its own (conf/pretrain_vlm.yaml).
+TEST_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, mrope_section=[2, 3, 3])  # head dim 16: rope's 8 frequencies over (t, h, w)
+TEST_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1])
+
+
+def tiny_config(tokenizer, text: dict | None = None, vision: dict | None = None, side: int = SIDE):
+    """A Qwen2_5_VLConfig of the given text / vision sizes (default: the test sizes) for `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                # head dim 16: Qwen's multimodal rope splits its 8 frequencies over (time, height, width)
-                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+    text_sizes = dict(text or TEST_TEXT)
+    mrope_section = list(text_sizes.pop("mrope_section"))
+    text = dict(vocab_size=len(tokenizer), max_position_embeddings=4096, **text_sizes,
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
-                  spatial_merge_size=MERGE, temporal_patch_size=2, window_size=SIDE, out_hidden_size=64,
-                  fullatt_block_indexes=[1])
+    vision = dict(**(vision or TEST_VISION), patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
+                  window_size=side, out_hidden_size=text["hidden_size"])
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                             video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)

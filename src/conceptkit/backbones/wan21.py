@@ -163,11 +163,12 @@ class Wan21Backbone(Backbone):
 
     def mllm_source(self) -> str:
         """The multimodal LLM encoder methods read (conceptkit.mllm): Qwen2.5-VL-7B-Instruct for real
-        weights, the test-size Qwen2.5-VL elsewhere (see the wan21_i2v configs)."""
+        weights, the shipped ShapeWorld Qwen2.5-VL for the toy, the test-size one elsewhere (see the
+        wan21_i2v configs)."""
         if self.mllm_name:
             return self.mllm_name
-        if self.architecture == "full" and self.weights == "pretrained":
-            return "Qwen/Qwen2.5-VL-7B-Instruct"
+        if self.weights == "pretrained" and self.architecture in ("full", "shapes"):
+            return "Qwen/Qwen2.5-VL-7B-Instruct" if self.architecture == "full" else "shapes_qwen25vl"
         return "random:qwen25vl-tiny"
 
     def mllm(self):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -161,14 +160,13 @@ def pretrain_encoder(cfg: DictConfig, overrides: list[str] | None = None) -> Pat
     import logging
 
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from safetensors.torch import save_file
 
     from conceptkit.backbones.base import shipped_encoder_folder
     from conceptkit.backbones.toy import shapes_words
     from conceptkit.backbones.tiny import build_tiny_clip_tokenizer
     from conceptkit.encoders import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, build_open_clip
-    from conceptkit.training.module import ConceptTrainingModule
+    from conceptkit.training.auxiliary import fit_stage, fresh_partial, publish
     from conceptkit.training.run import stage_with_overrides, training_device
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -191,36 +189,12 @@ def pretrain_encoder(cfg: DictConfig, overrides: list[str] | None = None) -> Pat
                                              int(cfg.seed))
     trainable = ContrastiveEncoderTraining(model, tokenizer, pictures, descriptions, cfg.train, image_size)
     data = TrainingData(latents=None, captions=[None] * len(descriptions), names=descriptions, frames=1)
-    partial = output.with_name(output.name + ".partial")
-    if partial.exists() and not cfg.resume:
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = fresh_partial(output, bool(cfg.resume))
     device = training_device(cfg.trainer)
     stage = stage_with_overrides(trainable.stages()[0], cfg.trainer)
     trainable.to(device)
     trainable.begin_stage(stage)
-
-    class NoBackbone:  # the module moves "the backbone" to its device; there is none here
-        def to(self, device):
-            return self
-
-    module = ConceptTrainingModule(trainable, NoBackbone(), data, stage, 0, int(cfg.seed), log_every=50)
-    checkpoint_dir = partial / "checkpoints" / stage.name
-    trainer = L.Trainer(
-        max_steps=stage.steps, max_epochs=-1, gradient_clip_val=stage.grad_clip, precision=cfg.trainer.precision,
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
-        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
-                                   save_last=True, save_top_k=0, enable_version_counter=False)],
-        logger=False, enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar,
-        default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1, use_distributed_sampler=False)
-    last = checkpoint_dir / "last.ckpt"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module, ckpt_path=str(last) if cfg.resume and last.exists() else None)
-    if trainer.interrupted or trainer.global_step < stage.steps:
-        raise UserError(f"pretraining stopped at step {trainer.global_step}/{stage.steps}; rerun with resume=true "
-                        f"to continue from {partial}")
+    module = fit_stage(trainable, data, stage, cfg.trainer, partial, int(cfg.seed), bool(cfg.resume))
     model.eval().requires_grad_(False)
     held_out, held_out_descriptions = object_pictures(int(cfg.evaluation.pictures), int(cfg.corpus.resolution),
                                                       image_size, int(cfg.seed) + 1, split="heldout", progress=None)
@@ -245,9 +219,7 @@ def pretrain_encoder(cfg: DictConfig, overrides: list[str] | None = None) -> Pat
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(staging / OPEN_CLIP_WEIGHTS))
     tokenizer.save_pretrained(str(staging / "tokenizer"))
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    publish(staging, output)
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(partial, ignore_errors=True)
     return output

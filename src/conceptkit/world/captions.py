@@ -114,3 +114,45 @@ def caption_scene(scene: Scene, rng: np.random.Generator) -> str:
     if scene.motions is not None:
         return _clip_caption(scene, rng)
     return _still_caption(scene, rng)
+
+
+def _alternatives(words) -> str:
+    return "(" + "|".join(sorted(words, key=len, reverse=True)) + ")"
+
+
+def read_caption(text: str) -> dict:
+    """What a caption in the world's grammar says, the inverse of `caption_scene` (a captioner's answers
+    are scored with it): {"objects": [(size, colour, pattern, shape), ...] in the order named,
+    "background": (colour, pattern) or None, "motions": [direction or "none", ...] for clip captions
+    (one per object part, None where a part names no motion)}. Words outside the grammar are ignored;
+    an unsaid pattern reads "plain", as the grammar says plain only sometimes."""
+    import re
+
+    from conceptkit.world.factors import BACKGROUND_COLOURS, COLOURS, PATTERNS, SHAPES, SIZES
+
+    size, colour, shape = _alternatives(SIZES), _alternatives(COLOURS), _alternatives(SHAPES)
+    pattern = _alternatives(PATTERNS)
+    named = re.compile(rf"\b{size} {colour} (?:{pattern} )?{shape}\b")  # "large red striped star"
+    worded = re.compile(rf"\b{size} {shape} in (?:plain )?{colour}(?: with an? {pattern} pattern)?")  # "large star in red ..."
+    text = " ".join(str(text).lower().split())
+    found = []
+    for match in named.finditer(text):
+        found.append((match.start(), (match.group(1), match.group(2), match.group(3) or "plain", match.group(4))))
+    for match in worded.finditer(text):
+        found.append((match.start(), (match.group(1), match.group(3), match.group(4) or "plain", match.group(2))))
+    objects = [obj for _, obj in sorted(found)]
+    background = None
+    backdrop = re.search(rf"\b(?:on|against) an? (?:(plain|noisy|grainy) )?{_alternatives(BACKGROUND_COLOURS)} "
+                         r"(gradient )?(?:background|backdrop)( with a soft gradient)?", text)
+    if backdrop:
+        word, bg_colour, gradient, soft = backdrop.groups()
+        bg_pattern = "gradient" if gradient or soft else "noise" if word in NOISE_WORDS else "plain"
+        background = (bg_colour, bg_pattern)
+    motions = None
+    if ";" in text or re.search(r"\b(moving|standing still|staying still|spinning in place)\b", text):
+        motions = []
+        for part in text.split(";"):
+            moving = re.search(r"\bmoving (left|right|up|down)\b", part)
+            still = re.search(r"\b(standing still|staying still|spinning in place)\b", part)
+            motions.append(moving.group(1) if moving else "none" if still else None)
+    return {"objects": objects, "background": background, "motions": motions}
