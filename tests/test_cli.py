@@ -95,3 +95,14 @@ def test_concepts_that_render_alike_are_refused(tmp_path: Path):
     done = run_cli("compose", f"concepts=[{tmp_path}/mug.concept,{tmp_path}/tea.concept]", "count=1", "steps=2",
                    f"output={tmp_path}/out")
     assert done.returncode == 0, done.stderr
+
+
+def test_train_hint_is_each_method_s_own_compose_call():
+    """The train CLI's "render it:" line: {name} in the sample prompt for per-concept methods, named
+    references for KV-mixed, an ordered reference list for BindWeave (its compose form)."""
+    from conceptkit.registry import method_class
+
+    assert method_class("lora").compose_example("c.concept", "dog", "a photo of {name}") == \
+        'concepts=[c.concept] prompt="a photo of {dog}"'
+    assert "references={star:star.png" in method_class("kv_mixed").compose_example("kv.concept", "kv", "x")
+    assert "references=[star.png,circle.png]" in method_class("bindweave").compose_example("bw.concept", "bw", "x")

@@ -53,6 +53,12 @@ class BindWeave(ConceptMethod):
     kind = "encoder"
     families = ("wan21_i2v",)
 
+    @classmethod
+    def compose_example(cls, concept: str, name: str, prompt: str) -> str:
+        """1 to 4 reference pictures in order (ref1, ref2, ...); the prompt says what they do."""
+        return (f"concepts=[{concept}] references=[star.png,circle.png] "
+                f"prompt=\"a star moving left slowly; a circle moving up slowly, on a plain sand background\"")
+
     def __init__(self, concept_name: str = "bw", tune: str = "full", lora_rank: int = 64, lora_alpha: float | None = None,
                  lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),
                  mllm_stream: bool = True, clip_stream: bool = True, vae_stream: bool = True,

@@ -40,6 +40,12 @@ class KVMixed(ConceptMethod):
     # before hooks see them and has no image encoder configured yet: see the card.
     families = ("sd15",)
 
+    @classmethod
+    def compose_example(cls, concept: str, name: str, prompt: str) -> str:
+        """References by name ({star: picture}), which the prompt names."""
+        return (f"concepts=[{concept}] references={{star:star.png,circle:circle.png}} "
+                f"prompt=\"a {{star}} left of a {{circle}} on a plain sand background\"")
+
     def __init__(self, concept_name: str = "kv", mode: str = "kv_mixed", tokens: int = 4, max_objects: int = 4,
                  appearance_width: int | None = None, appearance_depth: int = 4, appearance_head_dim: int = 64,
                  slot_word: str = "object", reference_flip: float = 0.5,

@@ -51,15 +51,14 @@ def _run(command: str, overrides: list[str]) -> int:
 
         if not is_main_process():
             return 0  # an extra data-parallel rank: the first process wrote the concept
-        # The first sample prompt is worded for the backbone (the toys know only the world's grammar).
+        # The first sample prompt is worded for the backbone (the toys know only the world's grammar); the
+        # method says how its concepts are composed (encoder methods take reference pictures).
         example = cfg.sample.prompts[0] if cfg.sample.prompts else "a photo of {name}"
         from conceptkit.artifact import read_meta
+        from conceptkit.registry import method_class
 
-        if read_meta(output).get("kind") == "encoder":  # references, not the concept's name, go in prompts
-            print(f"render it: conceptkit compose concepts=[{output}] references={{star:star.png,circle:circle.png}} "
-                  f"prompt=\"a {{star}} left of a {{circle}} on a plain sand background\"")
-        else:
-            print(f"render it: conceptkit compose concepts=[{output}] prompt=\"{example.replace('{name}', '{' + cfg.name + '}')}\"")
+        method = method_class(read_meta(output)["method"])
+        print(f"render it: conceptkit compose {method.compose_example(str(output), cfg.name, example)}")
     elif command == "compose":
         cfg = compose("compose", overrides)
         from conceptkit.compose import compose as run_compose

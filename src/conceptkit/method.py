@@ -97,6 +97,12 @@ class ConceptMethod(nn.Module):
         super().__init__()
         self.concept_name = concept_name
 
+    @classmethod
+    def compose_example(cls, concept: str, name: str, prompt: str) -> str:
+        """The arguments of a `conceptkit compose` call rendering a trained concept, which the train CLI
+        prints: `prompt` (the first sample prompt) with {name}. Encoder methods say how they take references."""
+        return f"concepts=[{concept}] prompt=\"{prompt.replace('{name}', '{' + name + '}')}\""
+
     # hyperparameters and identity ------------------------------------------------------------
     def hparams(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild the method with `Method(**hparams)`."""
