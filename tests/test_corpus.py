@@ -124,3 +124,46 @@ def test_hungarian_matching_on_a_known_cost_matrix():
     assert [(m.row, m.column) for m in match_by_similarity(similarity, min_similarity=0.82)] == [(1, 0)]
     with pytest.raises(ValueError, match="NaN"):
         hungarian([[np.nan]])
+
+
+def _write_clip_corpus(folder, frames=12, lines=None):
+    import imageio.v3 as iio
+
+    clip = np.full((frames, 32, 32, 3), 40, dtype=np.uint8)
+    for f in range(frames):
+        clip[f, 8:16, 2 + f:10 + f] = (200, 30, 30)  # a red block moving right
+    iio.imwrite(folder / "run.gif", clip, duration=100, loop=0)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:16, 2:10] = 255  # where the block is on the first frame
+    Image.fromarray(mask).save(folder / "run_block.png")
+    lines = lines or [{"video": "run.gif", "caption": "a block moving right on grey",
+                       "objects": [{"word": "block", "mask": "run_block.png"}]}]
+    (folder / "corpus.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_jsonl_clip_corpus_takes_evenly_spaced_frames_with_first_frame_masks(tmp_path):
+    _write_clip_corpus(tmp_path)
+    item = JsonlCorpus(tmp_path, frames=5)[0]
+    assert item.video.shape == (5, 32, 32, 3) and np.array_equal(item.image, item.video[0])
+    red = [np.argwhere((frame[..., 0] > 150) & (frame[..., 1] < 80))[:, 1].min() for frame in item.video]
+    assert red == [2, 5, 8, 10, 13]  # frames 0, 3, 6, 8, 11 of 12: evenly spaced, first and last
+    reference = item.objects[0].reference
+    assert (reference[..., 0] > 150).mean() > 0.9  # the block, cut out of the first frame
+    assert JsonlCorpus(tmp_path)[0].video is None  # an image backbone: the clip's first frame is the item
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"image": "run_block.png", "caption": "a block", "objects": []}, "corpus.jsonl:1: a video backbone trains on clips"),
+    ({"image": "x.png", "video": "run.gif", "caption": "a block", "objects": []}, "corpus.jsonl:1: needs exactly one"),
+    ({"video": "gone.mp4", "caption": "a block", "objects": []}, "corpus.jsonl:1: video 'gone.mp4' not found"),
+])
+def test_jsonl_clip_corpus_bad_lines_name_the_file_and_line(tmp_path, line, message):
+    _write_clip_corpus(tmp_path, lines=[line])
+    with pytest.raises(UserError, match=message):
+        JsonlCorpus(tmp_path, frames=5)
+
+
+def test_jsonl_clip_corpus_too_short_a_clip_names_the_line(tmp_path):
+    _write_clip_corpus(tmp_path, frames=3)
+    with pytest.raises(UserError, match="corpus.jsonl:1: video 'run.gif' has 3 frames, the backbone trains on 5"):
+        JsonlCorpus(tmp_path, frames=5)[0]

@@ -16,6 +16,12 @@ A corpus is a map-style torch Dataset of `CorpusItem`s, streamed through a DataL
     `word` must occur in the caption (objects in caption order; each is found after the previous one);
     `mask` is a PNG (nonzero = object) of the image's size, `box` pixel corners. A bad line stops with
     `<file>:<line>: <what> ...` and what to do.
+    Clips (a video backbone trains on them, subject-to-video methods such as BindWeave): "video" instead
+    of "image", a clip file (mp4, gif, webm, ...) whose `frames` evenly spaced frames are the item (as
+    data.images takes a clip's frames); the objects' masks / boxes are on the clip's first frame, where
+    their reference pictures are cut:
+        {"video": "clips/0001.mp4", "caption": "a dog running left on a beach",
+         "objects": [{"word": "dog", "mask": "masks/0001_dog.png"}]}
 Each object also carries its reference picture: the object cut out of the image (outside its mask set to
 REFERENCE_FILL, cropped to its box, padded square), what an encoder method conditions on in training.
 """
@@ -177,9 +183,10 @@ class JsonlCorpus(torch.utils.data.Dataset):
     """A user corpus: `<folder>/corpus.jsonl` (format in the module docstring). Every line is checked
     when the corpus is opened, so a bad line stops before any training, naming the file and line."""
 
-    def __init__(self, folder: str | Path, filename: str = "corpus.jsonl"):
+    def __init__(self, folder: str | Path, filename: str = "corpus.jsonl", frames: int = 1):
         self.folder = Path(folder)
         self.path = self.folder / filename
+        self.frames = int(frames)  # > 1: every line is a clip of this many frames (a video backbone trains)
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such corpus file; write one JSON object per line (conceptkit.corpus)")
         self.entries = []
@@ -199,11 +206,17 @@ class JsonlCorpus(torch.utils.data.Dataset):
             self._fail(number, f"not valid JSON ({error.msg}); write one JSON object per line")
         if not isinstance(entry, dict):
             self._fail(number, "each line must be a JSON object with image, caption, objects")
-        for key, kind in (("image", str), ("caption", str), ("objects", list)):
+        if ("image" in entry) == ("video" in entry):
+            self._fail(number, "needs exactly one of 'image' (a picture path) or 'video' (a clip path)")
+        media = "video" if "video" in entry else "image"
+        if self.frames > 1 and media == "image":
+            self._fail(number, f"a video backbone trains on clips of {self.frames} frames: give this line a 'video' "
+                               f"(a clip path) instead of an 'image'")
+        for key, kind in ((media, str), ("caption", str), ("objects", list)):
             if not isinstance(entry.get(key), kind):
                 self._fail(number, f"field {key!r} is missing or not a {kind.__name__}")
-        if not (self.folder / entry["image"]).is_file():
-            self._fail(number, f"image {entry['image']!r} not found under {self.folder}")
+        if not (self.folder / entry[media]).is_file():
+            self._fail(number, f"{media} {entry[media]!r} not found under {self.folder}")
         start = 0
         for k, obj in enumerate(entry["objects"]):
             where = f"objects[{k}]"
@@ -234,7 +247,8 @@ class JsonlCorpus(torch.utils.data.Dataset):
         from PIL import Image
 
         entry = self.entries[index]
-        image = np.asarray(Image.open(self.folder / entry["image"]).convert("RGB"))
+        video = self._clip(entry) if "video" in entry else None
+        image = video[0] if video is not None else np.asarray(Image.open(self.folder / entry["image"]).convert("RGB"))
         height, width = image.shape[:2]
         objects = []
         for k, obj in enumerate(entry["objects"]):
@@ -250,7 +264,24 @@ class JsonlCorpus(torch.utils.data.Dataset):
             if not mask.any():
                 self._fail(entry["_line"], f"objects[{k}] covers no pixel of the image; check its mask or box")
             objects.append(CorpusObject(obj["word"], tuple(obj["_span"]), mask, reference_picture(image, mask)))
-        return CorpusItem(image, entry["caption"], objects)
+        return CorpusItem(image, entry["caption"], objects, video=video if self.frames > 1 else None)
+
+    def _clip(self, entry: dict) -> np.ndarray:
+        """The line's clip: `frames` evenly spaced frames (F, H, W, 3) uint8 (one frame when images train)."""
+        import imageio.v3 as iio
+
+        try:
+            frames = iio.imread(self.folder / entry["video"], index=None)
+        except Exception as error:  # imageio raises many types for broken files
+            self._fail(entry["_line"], f"cannot read video {entry['video']!r} ({' '.join(str(error).split())}); "
+                                       f"fix or remove that line")
+        frames = frames[None] if frames.ndim == 3 else frames
+        wanted = max(1, self.frames)
+        if len(frames) < wanted:
+            self._fail(entry["_line"], f"video {entry['video']!r} has {len(frames)} frames, the backbone trains on "
+                                       f"{wanted}; give a longer clip or set data.frames")
+        picks = np.linspace(0, len(frames) - 1, wanted).round().astype(int)
+        return np.ascontiguousarray(frames[picks][..., :3])
 
 
 def square_resized(image: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:
@@ -293,7 +324,7 @@ def corpus_from_config(corpus_cfg, resolution: int, frames: int = 1):
                                 max_objects=int(corpus_cfg.max_objects), object_word=str(corpus_cfg.object_word))
     if not Path(source).is_dir():
         raise UserError(f"data.corpus.source={source!r}: pass shapeworld or a folder holding corpus.jsonl")
-    return JsonlCorpus(source)
+    return JsonlCorpus(source, frames=frames)
 
 
 class CorpusMicroSteps(torch.utils.data.Dataset):
