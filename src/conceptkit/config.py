@@ -132,9 +132,7 @@ class BenchSettings:  # values live in conf/bench.yaml; this class names the key
 
 
 @dataclass
-class PretrainVlmSettings:  # conf/pretrain_vlm.yaml
-    vlm: str = "shapes_qwen25vl"
-    init: str | None = None
+class AuxiliaryPretrainSettings:  # what conf/pretrain_encoder.yaml and conf/pretrain_vlm.yaml share
     trainer: Any = None
     corpus: Any = None
     evaluation: Any = None
@@ -148,18 +146,14 @@ class PretrainVlmSettings:  # conf/pretrain_vlm.yaml
 
 
 @dataclass
-class PretrainEncoderSettings:  # conf/pretrain_encoder.yaml
+class PretrainVlmSettings(AuxiliaryPretrainSettings):  # conf/pretrain_vlm.yaml
+    vlm: str = "shapes_qwen25vl"
+    init: str | None = None
+
+
+@dataclass
+class PretrainEncoderSettings(AuxiliaryPretrainSettings):  # conf/pretrain_encoder.yaml
     encoder: str = "shapes_clip"
-    trainer: Any = None
-    corpus: Any = None
-    evaluation: Any = None
-    model: Any = None
-    train: Any = None
-    output: str | None = None
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    debug: bool = False
 
 
 @dataclass

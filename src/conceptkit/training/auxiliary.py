@@ -67,3 +67,25 @@ def publish(staging: Path, output: Path) -> None:
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
+
+
+def output_folder(cfg: DictConfig, default: Path) -> Path:
+    """Where a pretrain run writes (`output`, else the package's folder); refuses to replace it unasked."""
+    output = Path(cfg.output) if cfg.output else default
+    if output.exists() and not cfg.overwrite:
+        raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+    return output
+
+
+def train_auxiliary(trainable, data: TrainingData, cfg: DictConfig, output: Path):
+    """Train `trainable`'s one stage (trainer overrides applied) on the configured device, checkpoints in
+    `<output>.partial`: (training module, stage, device, partial folder)."""
+    from conceptkit.training.run import stage_with_overrides, training_device
+
+    partial = fresh_partial(output, bool(cfg.resume))
+    device = training_device(cfg.trainer)
+    stage = stage_with_overrides(trainable.stages()[0], cfg.trainer)
+    trainable.to(device)
+    trainable.begin_stage(stage)
+    module = fit_stage(trainable, data, stage, cfg.trainer, partial, int(cfg.seed), bool(cfg.resume))
+    return module, stage, device, partial

@@ -166,15 +166,12 @@ def pretrain_encoder(cfg: DictConfig, overrides: list[str] | None = None) -> Pat
     from conceptkit.backbones.toy import shapes_words
     from conceptkit.backbones.tiny import build_tiny_clip_tokenizer
     from conceptkit.encoders import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, build_open_clip
-    from conceptkit.training.auxiliary import fit_stage, fresh_partial, publish
-    from conceptkit.training.run import stage_with_overrides, training_device
+    from conceptkit.training.auxiliary import output_folder, publish, train_auxiliary
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if cfg.encoder not in ENCODERS:
         raise UserError(f"encoder={cfg.encoder!r}: conceptkit pretrain trains {', '.join(ENCODERS)}")
-    output = Path(cfg.output) if cfg.output else shipped_encoder_folder(cfg.encoder)
-    if output.exists() and not cfg.overwrite:
-        raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+    output = output_folder(cfg, shipped_encoder_folder(cfg.encoder))
     L.seed_everything(cfg.seed, verbose=False)
     tokenizer = build_tiny_clip_tokenizer(shapes_words())
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -189,12 +186,7 @@ def pretrain_encoder(cfg: DictConfig, overrides: list[str] | None = None) -> Pat
                                              int(cfg.seed))
     trainable = ContrastiveEncoderTraining(model, tokenizer, pictures, descriptions, cfg.train, image_size)
     data = TrainingData(latents=None, captions=[None] * len(descriptions), names=descriptions, frames=1)
-    partial = fresh_partial(output, bool(cfg.resume))
-    device = training_device(cfg.trainer)
-    stage = stage_with_overrides(trainable.stages()[0], cfg.trainer)
-    trainable.to(device)
-    trainable.begin_stage(stage)
-    module = fit_stage(trainable, data, stage, cfg.trainer, partial, int(cfg.seed), bool(cfg.resume))
+    module, stage, device, partial = train_auxiliary(trainable, data, cfg, output)
     model.eval().requires_grad_(False)
     held_out, held_out_descriptions = object_pictures(int(cfg.evaluation.pictures), int(cfg.corpus.resolution),
                                                       image_size, int(cfg.seed) + 1, split="heldout", progress=None)

@@ -356,15 +356,12 @@ def pretrain_vlm(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
     from conceptkit.backbones.base import shipped_vlm_folder
     from conceptkit.captioning import VisionLanguageModel
-    from conceptkit.training.auxiliary import fit_stage, fresh_partial, publish
-    from conceptkit.training.run import stage_with_overrides, training_device
+    from conceptkit.training.auxiliary import output_folder, publish, train_auxiliary
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if cfg.vlm not in VLMS:
         raise UserError(f"vlm={cfg.vlm!r}: conceptkit pretrain trains {', '.join(VLMS)}")
-    output = Path(cfg.output) if cfg.output else shipped_vlm_folder(cfg.vlm)
-    if output.exists() and not cfg.overwrite:
-        raise UserError(f"output {output} already exists; choose another output or pass overwrite=true")
+    output = output_folder(cfg, shipped_vlm_folder(cfg.vlm))
     L.seed_everything(cfg.seed, verbose=False)
     started = time.time()
     network, processor = continued_network(Path(cfg.init)) if cfg.init else build_network(cfg)
@@ -375,12 +372,7 @@ def pretrain_vlm(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     trainable = CaptionerTraining(network, processor, stills, clips, scenes, cfg.train)
     data = TrainingData(latents=None, captions=[None] * len(scenes), names=[str(i) for i in range(len(scenes))],
                         frames=1)
-    partial = fresh_partial(output, bool(cfg.resume))
-    device = training_device(cfg.trainer)
-    stage = stage_with_overrides(trainable.stages()[0], cfg.trainer)
-    trainable.to(device)
-    trainable.begin_stage(stage)
-    module = fit_stage(trainable, data, stage, cfg.trainer, partial, int(cfg.seed), bool(cfg.resume))
+    module, stage, device, partial = train_auxiliary(trainable, data, cfg, output)
     trained_seconds = time.time() - started
     network.eval().requires_grad_(False)
     e = cfg.evaluation
