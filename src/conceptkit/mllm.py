@@ -64,17 +64,23 @@ def load_mllm(source: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
         network, processor = tiny_qwen25_vl_network(seed + 202)
         return MultimodalStates(network.to(dtype), processor, source)
     from transformers import AutoProcessor, Qwen2_5_VLModel
+    from transformers.utils import logging as transformers_logging
 
     from conceptkit.captioning import resolve_vlm
 
     source = resolve_vlm(source, "backbone.mllm")
+    verbosity = transformers_logging.get_verbosity()
     try:
         processor = AutoProcessor.from_pretrained(source)
+        # The checkpoint's LM head is left out on purpose (hidden states only): no load report about it.
+        transformers_logging.set_verbosity_error()
         network = Qwen2_5_VLModel.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as error:
         raise UserError(f"MLLM {source!r} is not present and cannot be downloaded ({type(error).__name__}); download "
                         f"a Qwen2.5-VL folder (e.g. Qwen/Qwen2.5-VL-7B-Instruct) where you have network and pass "
                         f"backbone.mllm=/path/to/it") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return MultimodalStates(network, processor, source)
 
 
