@@ -68,7 +68,7 @@ def load_mllm(source: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
     from conceptkit.captioning import resolve_vlm
 
-    source = resolve_vlm(source, "backbone.mllm")
+    name, source = source, resolve_vlm(source, "backbone.mllm")
     verbosity = transformers_logging.get_verbosity()
     try:
         processor = AutoProcessor.from_pretrained(source)
@@ -81,7 +81,7 @@ def load_mllm(source: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
                         f"backbone.mllm=/path/to/it") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    return MultimodalStates(network, processor, source)
+    return MultimodalStates(network, processor, name)
 
 
 # Qwen2.5-VL-7B-Instruct's sizes (its config.json), for layouts counted on the meta device (bench suite=layout).

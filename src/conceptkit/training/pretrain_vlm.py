@@ -111,8 +111,7 @@ def distinct_captions(scene, count: int, rng: np.random.Generator) -> list[str]:
             captions.append(caption)
         if len(captions) == count:
             break
-    while len(captions) < count:  # a scene with fewer wordings than asked: repeat them
-        captions.append(captions[len(captions) % max(1, len(captions))])
+    captions += [captions[0]] * (count - len(captions))  # a scene with fewer wordings than asked: repeat one
     return captions
 
 
