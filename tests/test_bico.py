@@ -985,7 +985,7 @@ def test_bad_video_input_is_one_clear_line(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "clip.mp4").write_bytes(b"not a video")
-    with pytest.raises(UserError, match="cannot read clip") as error:
+    with pytest.raises(UserError, match="cannot be read") as error:
         load_media(str(broken), 32, 5, True)
     assert _one_line(error)
     short = tmp_path / "short"

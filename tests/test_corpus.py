@@ -165,5 +165,5 @@ def test_jsonl_clip_corpus_bad_lines_name_the_file_and_line(tmp_path, line, mess
 
 def test_jsonl_clip_corpus_too_short_a_clip_names_the_line(tmp_path):
     _write_clip_corpus(tmp_path, frames=3)
-    with pytest.raises(UserError, match="corpus.jsonl:1: video 'run.gif' has 3 frames, the backbone trains on 5"):
+    with pytest.raises(UserError, match=r"corpus.jsonl:1: video 'run.gif' has 3 frames, 5 are asked for \(data.frames\)"):
         JsonlCorpus(tmp_path, frames=5)[0]

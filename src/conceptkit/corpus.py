@@ -268,20 +268,12 @@ class JsonlCorpus(torch.utils.data.Dataset):
 
     def _clip(self, entry: dict) -> np.ndarray:
         """The line's clip: `frames` evenly spaced frames (F, H, W, 3) uint8 (one frame when images train)."""
-        import imageio.v3 as iio
+        from conceptkit.media import ClipReadError, read_clip_frames
 
         try:
-            frames = iio.imread(self.folder / entry["video"], index=None)
-        except Exception as error:  # imageio raises many types for broken files
-            self._fail(entry["_line"], f"cannot read video {entry['video']!r} ({' '.join(str(error).split())}); "
-                                       f"fix or remove that line")
-        frames = frames[None] if frames.ndim == 3 else frames
-        wanted = max(1, self.frames)
-        if len(frames) < wanted:
-            self._fail(entry["_line"], f"video {entry['video']!r} has {len(frames)} frames, the backbone trains on "
-                                       f"{wanted}; give a longer clip or set data.frames")
-        picks = np.linspace(0, len(frames) - 1, wanted).round().astype(int)
-        return np.ascontiguousarray(frames[picks][..., :3])
+            return read_clip_frames(self.folder / entry["video"], max(1, self.frames))
+        except ClipReadError as error:
+            self._fail(entry["_line"], f"video {entry['video']!r} {error}; fix or remove that line")
 
 
 def square_resized(image: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:

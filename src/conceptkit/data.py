@@ -81,20 +81,15 @@ def _read_image(path: Path, resolution: int) -> np.ndarray:
 
 
 def _read_clip(path: Path, resolution: int, frames: int) -> np.ndarray:
-    import imageio.v3 as iio
     from PIL import Image
 
+    from conceptkit.media import ClipReadError, read_clip_frames
+
     try:
-        all_frames = iio.imread(path, index=None)
-    except Exception as error:  # imageio raises many types for broken files
-        reason = " ".join(str(error).split())  # decoders report over several lines; users get one
-        raise UserError(f"data.images: cannot read clip {path} ({reason}); fix or remove that file") from None
-    if all_frames.ndim == 3:
-        all_frames = all_frames[None]
-    if len(all_frames) < frames:
-        raise UserError(f"data.images: clip {path} has {len(all_frames)} frames, data.frames asks for {frames}")
-    picks = np.linspace(0, len(all_frames) - 1, frames).round().astype(int)
-    return np.stack([_fit(Image.fromarray(all_frames[i][..., :3]), resolution) for i in picks])
+        picked = read_clip_frames(path, frames)
+    except ClipReadError as error:
+        raise UserError(f"data.images: clip {path} {error}; fix or remove that file") from None
+    return np.stack([_fit(Image.fromarray(frame), resolution) for frame in picked])
 
 
 def _captions(files: list[Path], captions_file: str | None) -> list[str | None]:

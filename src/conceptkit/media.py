@@ -1,4 +1,5 @@
-"""Writing generated media: PNG images and grids, MP4 clips with a PNG frame strip."""
+"""Media files: reading clips (evenly spaced frames), writing PNG images and grids, MP4 clips with a PNG
+frame strip."""
 
 from __future__ import annotations
 
@@ -6,6 +7,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+class ClipReadError(ValueError):
+    """A clip file that cannot give the frames asked for; the message says why in one line, callers add
+    which file or corpus line it was and what to do."""
+
+
+def read_clip_frames(path: Path, count: int) -> np.ndarray:
+    """`count` evenly spaced frames of a clip file (first and last included), (count, H, W, 3) uint8; a
+    still image reads as a one-frame clip."""
+    import imageio.v3 as iio
+
+    try:
+        frames = iio.imread(path, index=None)
+    except Exception as error:  # imageio raises many types for broken files
+        # Decoders report over several lines; users get one.
+        raise ClipReadError(f"cannot be read ({' '.join(str(error).split())})") from None
+    frames = frames[None] if frames.ndim == 3 else frames
+    if len(frames) < count:
+        raise ClipReadError(f"has {len(frames)} frames, {count} are asked for (data.frames)")
+    picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
+    return np.ascontiguousarray(frames[picks][..., :3])
 
 
 def to_uint8(frame: torch.Tensor) -> np.ndarray:

@@ -119,6 +119,9 @@ class BackbonePretraining(nn.Module):
             else:
                 self.measure_latent_scale(backbone)
             # Frozen VAE from here on: encode the whole corpus once.
+            clips = 0 if self.corpus.clips is None else len(self.corpus.clips)
+            print(f"encoding the corpus with the frozen VAE: {len(self.corpus.images)} images, {clips} clips",
+                  flush=True)
             self._latents["images"] = backbone.encode_media(_to_unit(self.corpus.images))
             if self.corpus.clips is not None:
                 self._latents["clips"] = backbone.encode_media(_to_unit(self.corpus.clips))
