@@ -139,3 +139,20 @@ def test_conceptkit_bench_writes_report_html_beside_results_md(tmp_path):
     text = (tmp_path / "report.html").read_text()
     assert "<td>sd15_tiny</td>" in text and "<td>lora</td>" in text
     assert ("data:image/png;base64," in text) == matplotlib_available()
+
+
+def test_progress_off_a_terminal_is_plain_lines_with_the_loss(tmp_path, capsys):
+    # Lightning's bar draws nothing until a stage ends when stdout is a file (a batch job's log):
+    # there the progress is one line per interval and one at each stage's end, with the latest loss.
+    import re
+
+    from conceptkit.training.run import train
+
+    cfg = train_config("textual_inversion", "sd15_tiny", "trainer.max_steps=4", "trainer.log_every=2",
+                       "sample.count=0", "name=p", f"output={tmp_path / 'p.concept'}")
+    train(cfg)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("stage ")]
+    assert lines and re.fullmatch(r"stage embedding: step 4/4 \(100 %\), [0-9.]+ s/step, ~0 s left, loss [0-9.e-]+",
+                                  lines[-1]), lines
+    assert "━" not in out  # no redrawn bar

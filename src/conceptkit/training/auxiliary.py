@@ -31,16 +31,18 @@ def fit_stage(trainable, data: TrainingData, stage: Stage, trainer_cfg: DictConf
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from conceptkit.training.callbacks import progress_display
     from conceptkit.training.module import ConceptTrainingModule
 
     module = ConceptTrainingModule(trainable, NoBackbone(), data, stage, 0, int(seed), log_every=log_every)
     checkpoint_dir = partial / "checkpoints" / stage.name
+    progress_bar, progress_lines = progress_display(trainer_cfg.progress_bar, f"stage {stage.name}")
     trainer = L.Trainer(
         max_steps=stage.steps, max_epochs=-1, gradient_clip_val=stage.grad_clip, precision=trainer_cfg.precision,
         accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, strategy=trainer_cfg.strategy,
         callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=trainer_cfg.checkpoint_every,
-                                   save_last=True, save_top_k=0, enable_version_counter=False)],
-        logger=False, enable_model_summary=False, enable_progress_bar=trainer_cfg.progress_bar,
+                                   save_last=True, save_top_k=0, enable_version_counter=False), *progress_lines],
+        logger=False, enable_model_summary=False, enable_progress_bar=progress_bar,
         default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1, use_distributed_sampler=False)
     last = checkpoint_dir / "last.ckpt"
     with warnings.catch_warnings():

@@ -284,6 +284,7 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from safetensors.torch import load_model, save_model
 
+    from conceptkit.training.callbacks import progress_display
     from conceptkit.training.module import ConceptTrainingModule
     from conceptkit.training.run import stage_with_overrides, training_device
 
@@ -367,12 +368,13 @@ def pretrain(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         trainable.begin_stage(stage, backbone)
         module = ConceptTrainingModule(trainable, backbone, data, stage, index, cfg.seed)
         checkpoint_dir = partial / "checkpoints" / stage.name
+        progress_bar, progress_lines = progress_display(cfg.trainer.progress_bar, f"stage {stage.name}")
         trainer = L.Trainer(
             max_steps=stage.steps, max_epochs=-1, gradient_clip_val=stage.grad_clip, precision=cfg.trainer.precision,
             accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy,
             callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
-                                       save_last=True, save_top_k=0, enable_version_counter=False)],
-            logger=False, enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar,
+                                       save_last=True, save_top_k=0, enable_version_counter=False), *progress_lines],
+            logger=False, enable_model_summary=False, enable_progress_bar=progress_bar,
             default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=1)
         last = checkpoint_dir / "last.ckpt"
         stage_start = time.time()

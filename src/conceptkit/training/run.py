@@ -171,7 +171,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from conceptkit.artifact import write_concept
-    from conceptkit.training.callbacks import PreviewCallback, ResumeHint
+    from conceptkit.training.callbacks import PreviewCallback, ResumeHint, progress_display
     from conceptkit.training.logs import check_logger, stage_loggers
     from conceptkit.training.module import ConceptTrainingModule
 
@@ -227,7 +227,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
         # (a second resume would otherwise load the stale first checkpoint).
         checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=cfg.trainer.checkpoint_every,
                                         save_last=True, save_top_k=0, enable_version_counter=False)
-        stage_callbacks = [checkpointing, ResumeHint(partial), *(callbacks or [])]
+        progress_bar, progress_lines = progress_display(cfg.trainer.progress_bar, f"stage {stage.name}")
+        stage_callbacks = [checkpointing, ResumeHint(partial), *progress_lines, *(callbacks or [])]
         if cfg.trainer.preview_every:
             stage_callbacks.append(PreviewCallback(method, backbone, partial / "previews", cfg.trainer.preview_every,
                                                    stage.name, cfg.sample, sample_texts(cfg, method)))
@@ -237,7 +238,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> Path:
             strategy=cfg.trainer.strategy, callbacks=stage_callbacks,
             # Every loss term, one row per step (module.flush_terms), in <output>.partial/logs/<stage>/.
             logger=stage_loggers(cfg.trainer.logger, partial / "logs", stage.name) or False,
-            enable_model_summary=False, enable_progress_bar=cfg.trainer.progress_bar, max_epochs=1,
+            enable_model_summary=False, enable_progress_bar=progress_bar, max_epochs=1,
             default_root_dir=str(partial), num_sanity_val_steps=0, log_every_n_steps=cfg.trainer.log_every,
             # Each rank draws its own batches from the micro-step number (module.py): Lightning's
             # distributed sampler would give each rank a shard of MicroSteps, ending it early.
