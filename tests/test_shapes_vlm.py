@@ -38,8 +38,18 @@ def test_requests_teach_only_the_answer_and_answer_in_the_grammar():
                 make_request("prompts", scenes[0], [stills[0]], rng, 4),
                 make_request("clip_prompts", scenes[1], list(clips[0]), rng, 4),
                 make_request("phrases", scenes[1], list(clips[0]), rng, 4),
-                make_request("frame", scenes[1], list(clips[0]), rng, 4)]
-    assert [len(r.pictures) for r in requests] == [1, 1, 4, 4, 1]
+                make_request("frame", scenes[1], list(clips[0]), rng, 4),
+                make_request("subjects", scenes[1], list(clips[0]), rng, 4)]
+    count = len(scenes[1].objects)
+    assert [len(r.pictures) for r in requests] == [1, 1, 4, 4, 1, count]
+    # BindWeave's turn: the prompt names each object by its shape only, the answer in full, in order;
+    # the pictures are the references at half the frame's size, on black
+    subjects = requests[5]
+    assert subjects.text_first and subjects.instruction.startswith(("a ", "an "))
+    for obj in scenes[1].objects:
+        assert obj.shape in subjects.instruction and obj.colour not in subjects.instruction
+    assert read_caption(subjects.answer)["objects"] == [(o.size, o.colour, o.pattern, o.shape) for o in scenes[1].objects]
+    assert all(p.shape == (32, 32, 3) and (p[0, 0] == 0).all() for p in subjects.pictures)
     truth = sorted((o.size, o.colour, o.pattern, o.shape) for o in scenes[0].objects)
     assert sorted(read_caption(requests[0].answer)["objects"]) == truth
     assert 1 <= len(parse_prompt_lines(requests[1].answer, 60)) <= 4
@@ -51,6 +61,12 @@ def test_requests_teach_only_the_answer_and_answer_in_the_grammar():
     for request, row in zip(requests, labels):
         taught = tokenizer.decode(row[row != -100])
         assert taught == request.answer + "<|im_end|>"  # nothing of the prompt, the pictures or the padding
+    vision = tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    for request, ids in zip(requests, inputs["input_ids"]):
+        tokens = ids.tolist()
+        first_text = tokens.index(tokenizer(request.instruction[:12], add_special_tokens=False).input_ids[0],
+                                  tokens.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 3))
+        assert (first_text < tokens.index(vision)) == request.text_first  # the order each caller sends
 
 
 def test_pretrain_vlm_writes_a_folder_captioning_loads(tmp_path):
@@ -73,6 +89,10 @@ def test_pretrain_vlm_writes_a_folder_captioning_loads(tmp_path):
     assert len(caption_images([np.zeros((64, 64, 3), np.uint8)], vlm, max_new_tokens=4)) == 1
     with pytest.raises(UserError, match="already exists"):
         pretrain_vlm(compose("pretrain_vlm", overrides), overrides)
+    wrong = overrides[1:] + [f"output={tmp_path / 'other'}", "+train.clip_tasks.captions=1"]
+    with pytest.raises(UserError, match=r"^train.clip_tasks=.*of clip_prompts, phrases, frame, subjects$"):
+        pretrain_vlm(compose("pretrain_vlm", wrong), wrong)
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.fixture(scope="module")

@@ -122,10 +122,10 @@ def load_vlm(model: str, setting: str = "data.captioner") -> VisionLanguageModel
 
 
 def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_tokens: int,
-             decoding: Decoding = GREEDY) -> str | None:
-    """The model's answer to one message holding `images` (one or more, in order) and the instruction:
-    its non-empty lines, or None when it answers nothing. Greedy by default; a sampling `decoding`
-    reproduces through its seed."""
+             decoding: Decoding = GREEDY, text_first: bool = False) -> str | None:
+    """The model's answer to one message holding `images` (one or more, in order) and the instruction
+    (after them; `text_first`: before them, BindWeave's order): its non-empty lines, or None when it
+    answers nothing. Greedy by default; a sampling `decoding` reproduces through its seed."""
     import torch
 
     if vlm.released:
@@ -133,7 +133,8 @@ def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_t
     if vlm.chat:
         # One image entry per image: the template writes a vision span for each, and the processor
         # expands each span to that image's number of patch tokens.
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": instruction}]
+        pictures, words = [{"type": "image"} for _ in images], [{"type": "text", "text": instruction}]
+        content = words + pictures if text_first else pictures + words
         text = vlm.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     else:
         images, text = images[:1], ""  # plain captioners take one image and caption best unprompted

@@ -12,6 +12,11 @@ world's caption grammar (world/captions.py), by teacher forcing on the answer to
   prompts       BiCo's image instruction for N prompts, one still          -> min(N, max_lines) captions
   clip_prompts  BiCo's clip instruction (with or without phrases), 4 frames -> min(N, max_lines) clip captions
   phrases       BiCo's concept-phrase instruction, 4 frames                -> "spatial: ..." / "temporal: ..."
+  subjects      BindWeave's MLLM turn: the clip's prompt naming each object by its shape word only, THEN
+                each object's reference canvas (cut from the first frame, letterboxed on black at the
+                video's size, at half size: what BindWeave shows the MLLM at inference)
+                                                                           -> the clip caption, each object
+                                                                              named in full (colour, pattern)
 
 The answers are re-phrased by the grammar at every step, so sampled decoding varies the wording as
 BiCo's diversification wants; greedy decoding gives the most likely one. Scenes come from the
@@ -39,9 +44,9 @@ from conceptkit.method import Stage, TrainBatch, TrainingData
 VLMS = ("shapes_qwen25vl",)
 CLIP_VIEWS = 4  # frames of a clip in one message: what BiCo shows a VLM (methods/bico CLIP_VIEWS)
 PROMPT_COUNTS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 30, 40, 50, 60)  # N of "write N prompts" in training
-# Share of each request on stills and on clips (ours: every request BiCo, ConceptPrism and captioning make).
-STILL_TASKS = {"caption": 0.4, "frame": 0.3, "prompts": 0.3}
-CLIP_TASKS = {"clip_prompts": 0.4, "phrases": 0.3, "frame": 0.3}
+STILL_TASKS = ("caption", "frame", "prompts")
+CLIP_TASKS = ("clip_prompts", "phrases", "frame", "subjects")
+SUBJECT_SCALE = 0.5  # BindWeave's MLLM sees each reference canvas at half size (methods/bindweave mllm_scale)
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Request:
     instruction: str
     answer: str
     task: str
+    text_first: bool = False  # BindWeave's order [text, pictures]; captioning's is [pictures, text]
 
 
 def spatial_phrases(scene) -> list[str]:
@@ -115,6 +121,38 @@ def distinct_captions(scene, count: int, rng: np.random.Generator) -> list[str]:
     return captions
 
 
+def subject_canvases(scene, first_frame: np.ndarray) -> list[np.ndarray] | None:
+    """Each object's reference as BindWeave's MLLM sees it at inference: cut out of the clip's first
+    frame (conceptkit.corpus.reference_picture), letterboxed on black at the frame's size, at half size.
+    None when an object does not show in the first frame (covered by another)."""
+    from PIL import Image
+
+    from conceptkit.backbones.video_condition import letterbox
+    from conceptkit.corpus import reference_picture
+    from conceptkit.world.render import object_masks
+
+    height, width = first_frame.shape[:2]
+    canvases = []
+    for mask in object_masks(scene, height):
+        if not mask.any():
+            return None
+        canvas, _ = letterbox(reference_picture(first_frame, mask), height, width)
+        picture = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        size = (max(1, round(width * SUBJECT_SCALE)), max(1, round(height * SUBJECT_SCALE)))
+        canvases.append(np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR)))
+    return canvases
+
+
+def shape_word_prompt(scene, rng: np.random.Generator) -> str:
+    """A clip prompt naming each object by its shape word only ("a star moving left slowly; a circle
+    moving up, on a plain sand background"), as subject-to-video prompts do: the references carry the rest."""
+    from conceptkit.world.captions import background_phrase, motion_phrase
+
+    parts = [f"{'an' if o.shape[0] in 'aeiou' else 'a'} {o.shape} {motion_phrase(m, rng)}"
+             for o, m in zip(scene.objects, scene.motions)]
+    return "; ".join(parts) + ", " + background_phrase(scene.background, rng)
+
+
 def make_request(task: str, scene, pictures, rng: np.random.Generator, max_lines: int) -> Request:
     """The message of `task` about `scene` (a still: one picture; a clip: its frames) and its answer."""
     from conceptkit.captioning import DEFAULT_INSTRUCTION
@@ -143,6 +181,11 @@ def make_request(task: str, scene, pictures, rng: np.random.Generator, max_lines
                    else None)
         answer = "\n".join(distinct_captions(scene, min(count, max_lines), rng))
         return Request(views, clip_instruction(len(views), count, phrases), answer, task)
+    if task == "subjects":
+        canvases = subject_canvases(scene, pictures[0])
+        if canvases is None:  # an object hidden in the first frame has no reference: ask for prompts instead
+            return make_request("clip_prompts", scene, pictures, rng, max_lines)
+        return Request(canvases, shape_word_prompt(scene, rng), caption_scene(scene, rng), task, text_first=True)
     if task == "phrases":
         temporal = temporal_phrases(scene)
         answer = f"spatial: {', '.join(spatial_phrases(scene))}\ntemporal: {', '.join(temporal) or 'none'}"
@@ -199,10 +242,12 @@ class CaptionerTraining(nn.Module):
     def request(self, index: int, rng: np.random.Generator) -> Request:
         scene = self.scenes[index]
         if index < len(self.stills):
-            tasks, pictures = STILL_TASKS, [self.stills[index]]
+            shares, pictures = self.train_cfg.still_tasks, [self.stills[index]]
         else:
-            tasks, pictures = CLIP_TASKS, list(self.clips[index - len(self.stills)])
-        task = str(rng.choice(list(tasks), p=list(tasks.values())))
+            shares, pictures = self.train_cfg.clip_tasks, list(self.clips[index - len(self.stills)])
+        names = list(shares)
+        weights = np.array([float(shares[n]) for n in names])
+        task = str(rng.choice(names, p=weights / weights.sum()))
         return make_request(task, scene, pictures, rng, int(self.train_cfg.max_lines))
 
     def training_loss(self, batch: TrainBatch, backbone, stage) -> dict[str, torch.Tensor]:
@@ -216,9 +261,12 @@ class CaptionerTraining(nn.Module):
         return {"loss": output.loss}
 
 
-def chat_prompt(processor, instruction: str, count: int) -> str:
-    """conceptkit.captioning's message: the pictures, then the instruction, with the generation prompt."""
-    content = [{"type": "image"} for _ in range(count)] + [{"type": "text", "text": instruction}]
+def chat_prompt(processor, instruction: str, count: int, text_first: bool = False) -> str:
+    """conceptkit.captioning's message: the pictures, then the instruction, with the generation prompt
+    (`text_first`: BindWeave's, conceptkit.mllm's: the text, then the pictures)."""
+    pictures = [{"type": "image"} for _ in range(count)]
+    text = [{"type": "text", "text": instruction}]
+    content = text + pictures if text_first else pictures + text
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
 
@@ -228,7 +276,8 @@ def encode_requests(processor, requests: list[Request], header: list[int], end: 
     closing <|im_end|> only (prompt, pictures and padding are -100)."""
     from PIL import Image
 
-    texts = [chat_prompt(processor, r.instruction, len(r.pictures)) + r.answer + "<|im_end|>" for r in requests]
+    texts = [chat_prompt(processor, r.instruction, len(r.pictures), r.text_first) + r.answer + "<|im_end|>"
+             for r in requests]
     images = [Image.fromarray(p) for r in requests for p in r.pictures]
     inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
     inputs.pop("mm_token_type_ids", None)
@@ -272,7 +321,9 @@ def caption_check(vlm, scenes: list, stills, clips, frames: int) -> dict:
     Stills (default caption instruction): every object named exactly (size, colour, pattern, shape, as
     a multiset), per factor on one-object scenes, background colour and pattern. Clips (BiCo's clip
     instruction for 4 prompts, first line): objects exact, each object's direction, and how many
-    prompts the answer gives (asked 4)."""
+    prompts the answer gives (asked 4). Subjects (BindWeave's turn: the shape-word prompt, then each
+    object's reference canvas): per object of the answer, in order, its colour, pattern and shape, and
+    all three."""
     from conceptkit.captioning import DEFAULT_INSTRUCTION, describe
     from conceptkit.vlm_requests import CLIP_INSTRUCTION, parse_prompt_lines
     from conceptkit.world.captions import read_caption
@@ -310,12 +361,30 @@ def caption_check(vlm, scenes: list, stills, clips, frames: int) -> dict:
         for k, motion in enumerate(scene.motions):
             motions += 1
             clip_hits["direction"] += k < len(said) and said[k] == motion.direction
+    subject_hits = {"colour": 0, "pattern": 0, "shape": 0, "exact": 0}
+    subjects = 0
+    rng = np.random.default_rng(0)  # the prompts' wording
+    for scene, clip in zip(clip_scenes, clips if clips is not None else []):
+        canvases = subject_canvases(scene, clip[0])
+        if canvases is None:
+            continue
+        answer = describe(vlm, [Image.fromarray(c) for c in canvases], shape_word_prompt(scene, rng), 128,
+                          text_first=True) or ""
+        named = read_caption(answer)["objects"] or []
+        for k, obj in enumerate(scene.objects):
+            subjects += 1
+            said = named[k] if k < len(named) else (None,) * 4
+            agree = [said[1] == obj.colour, said[2] == obj.pattern, said[3] == obj.shape]
+            for factor, hit in zip(("colour", "pattern", "shape"), agree):
+                subject_hits[factor] += hit
+            subject_hits["exact"] += all(agree)
     result = {k: round(v / max(1, n_stills), 4) for k, v in hits.items()}
+    result.update({f"subject_{k}": round(v / max(1, subjects), 4) for k, v in subject_hits.items()})
     result.update({f"single_{k}": round(v / max(1, singles), 4) for k, v in single.items()})
     result["clip_objects_exact"] = round(clip_hits["clip_objects_exact"] / max(1, len(clip_scenes)), 4)
     result["direction"] = round(clip_hits["direction"] / max(1, motions), 4)
     result["prompt_lines_per_answer"] = round(clip_hits["prompt_lines"] / max(1, len(clip_scenes)), 2)
-    result.update(stills=n_stills, single_object_stills=singles, clips=len(clip_scenes))
+    result.update(stills=n_stills, single_object_stills=singles, clips=len(clip_scenes), subjects=subjects)
     return result
 
 
@@ -360,6 +429,12 @@ def pretrain_vlm(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     if cfg.vlm not in VLMS:
         raise UserError(f"vlm={cfg.vlm!r}: conceptkit pretrain trains {', '.join(VLMS)}")
+    for key, names in (("still_tasks", STILL_TASKS), ("clip_tasks", CLIP_TASKS)):
+        shares = cfg.train[key] or {}
+        unknown = [n for n in shares if n not in names]
+        if unknown or any(float(v) < 0 for v in shares.values()) or sum(float(v) for v in shares.values()) <= 0:
+            raise UserError(f"train.{key}={OmegaConf.to_container(shares)}: give non-negative shares, not all zero, "
+                            f"of {', '.join(names)}")
     output = output_folder(cfg, shipped_vlm_folder(cfg.vlm))
     L.seed_everything(cfg.seed, verbose=False)
     started = time.time()
