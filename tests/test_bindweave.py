@@ -334,6 +334,19 @@ def test_shapes_s2v_runs_end_to_end_on_the_tiny_backbone(tmp_path):
     assert (tmp_path / "s2v" / "results.md").is_file() and (tmp_path / "s2v" / "report.html").is_file()
 
 
+def test_s2v_base_rows_read_the_suite_backbone_path(tmp_path):
+    # the toy I2V backbone is a text-to-video folder grown at load: a new pretrain output given as
+    # suite_backbone_path must be what the named_words / words_only rows render with too
+    from omegaconf import OmegaConf
+
+    from conceptkit.bench.subject_video import base_backbone_overrides
+
+    cfg = OmegaConf.create({"suite_backbone": "wan21_i2v_shapes", "suite_backbone_path": None})
+    assert base_backbone_overrides(cfg) == ["backbone=wan21_shapes"]
+    cfg.suite_backbone_path = str(tmp_path)
+    assert base_backbone_overrides(cfg) == ["backbone=wan21_shapes", f"backbone.path={tmp_path}"]
+
+
 def test_s2v_scores_the_truth_as_right_and_another_case_as_wrong():
     from conceptkit.bench.subject_video import score_clips, subject_video_cases
     from conceptkit.world.factors import HELDOUT_COMBOS, Background, Motion, ObjectSpec, Scene

@@ -47,6 +47,14 @@ def base_backbone(suite_backbone: str) -> str:
     return suite_backbone.replace("wan21_i2v", "wan21")
 
 
+def base_backbone_overrides(cfg) -> list[str]:
+    """The base rows' train overrides: the text-to-video backbone, and `suite_backbone_path` when given
+    (the toy I2V backbone is that text-to-video folder grown at load, so both read the same weights)."""
+    from conceptkit.bench.suites import suite_backbone_overrides
+
+    return [f"backbone={base_backbone(str(cfg.suite_backbone))}"] + suite_backbone_overrides(cfg)[1:]
+
+
 @dataclass
 class SubjectVideoCase:
     name: str
@@ -147,7 +155,7 @@ def run_subject_video_suite(cfg) -> Path:
         raise UserError("concept_folder= scores one trained concept: give one method (methods=[bindweave]), no variants")
     base_name = base_backbone(str(cfg.suite_backbone))
     output, work, backbone, sample = _suite_setup(cfg, video=True)
-    base = instantiate(compose("train", [f"backbone={base_name}"]).backbone).load()
+    base = instantiate(compose("train", base_backbone_overrides(cfg)).backbone).load()
     cases = subject_video_cases(int(cfg.concepts), int(cfg.seed), backbone.resolution)
     seeds = list(range(cfg.seed, cfg.seed + int(cfg.samples_per_prompt)))
     records = []
