@@ -461,12 +461,16 @@ def pretrain_vlm(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     network.save_pretrained(staging)
     processor.save_pretrained(staging)
-    (staging / "recipe.json").write_text(json.dumps({
+    recipe = {
         "recipe": OmegaConf.to_container(cfg, resolve=True),
         "command": " ".join(["conceptkit pretrain", *(overrides or [])]),
         "training": {"seconds": round(trained_seconds, 1), "steps": stage.steps, "final_terms": module.last_terms,
                      "device": str(device), "parameters": sum(p.numel() for p in network.parameters())},
-        "check": check}, indent=2) + "\n")
+        "check": check}
+    earlier = Path(cfg.init) / "recipe.json" if cfg.init else None
+    if earlier is not None and earlier.is_file():
+        recipe["init"] = json.loads(earlier.read_text())  # every release's recipe, back to the first
+    (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     publish(staging, output)
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(partial, ignore_errors=True)
