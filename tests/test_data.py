@@ -156,3 +156,21 @@ def test_qwen25_vl_chat_path_expands_images_and_generates(tiny_qwen_vl, monkeypa
     with pytest.raises(UserError, match="^method.vlm: cannot load captioning model") as error:
         load_vlm(str(tiny_qwen_vl / "missing"), setting="method.vlm")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("side", [32, 33])
+def test_written_clips_read_back_with_every_frame_at_even_and_odd_sizes(tmp_path, side):
+    # H.264 in yuv420p cannot hold odd sizes: such clips used to be written as empty files
+    import imageio.v3 as iio
+    import torch
+
+    from conceptkit.media import read_clip_frames, save_media
+
+    clip = torch.rand(1, 3, 5, side, side, generator=torch.Generator().manual_seed(0))
+    mp4, strip = save_media(clip, tmp_path, "x")
+    frames = iio.imread(mp4, index=None)
+    assert frames.shape == (5, side, side, 3) and strip.is_file()
+    # lossy, but the frames are these frames, in order
+    truth = (clip[0].permute(1, 2, 3, 0).numpy() * 255)
+    assert abs(frames.astype(float) - truth).mean() < abs(frames.astype(float) - truth[::-1]).mean()
+    assert read_clip_frames(mp4, 3).shape == (3, side, side, 3)

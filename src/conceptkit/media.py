@@ -77,9 +77,10 @@ def save_media(media: torch.Tensor, folder: Path, stem: str, fps: int = 16) -> l
         else:
             video = np.stack([to_uint8(item[:, f]) for f in range(item.shape[1])])
             path = folder / f"{stem}_{i}.mp4"
-            # Even sizes keep H.264 encoders happy; yuv420p keeps players happy.
+            # yuv420p keeps players happy but needs even sizes; odd ones get 4:4:4, which H.264 allows.
+            even = video.shape[1] % 2 == 0 and video.shape[2] % 2 == 0
             iio.imwrite(path, video, fps=fps, codec="libx264", macro_block_size=1,
-                        output_params=["-pix_fmt", "yuv420p"] if video.shape[1] % 2 == 0 and video.shape[2] % 2 == 0 else None)
+                        pixelformat="yuv420p" if even else "yuv444p")
             strip = folder / f"{stem}_{i}_frames.png"
             save_png(frame_strip(item), strip)
             written += [path, strip]
