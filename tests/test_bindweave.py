@@ -99,7 +99,8 @@ def test_context_is_clip_rows_then_mllm_rows_then_t5_rows(backbone):
 
 
 def _canvas_pictures(method, backbone):
-    from conceptkit.methods.bindweave.references import canvas_picture, inference_canvas
+    from conceptkit.backbones.video_condition import canvas_picture
+    from conceptkit.methods.bindweave.references import inference_canvas
 
     canvas, _ = inference_canvas(held_out_reference(0), backbone.resolution, backbone.resolution)
     return [canvas_picture(canvas, method.mllm_scale)]

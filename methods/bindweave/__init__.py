@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from conceptkit.backbones.video_condition import canvas_picture
 from conceptkit.embeddings import attach_lora, owner_id
 from conceptkit.errors import UserError
 from conceptkit.method import ConceptMethod, Stage, TrainBatch
 from conceptkit.training.losses import denoising_loss
 
-from .references import canvas_picture, inference_canvas, training_canvas
+from .references import inference_canvas, training_canvas
 
 SLOTS = 4  # reference slots (official: 1 to 4 references, unused slots zero)
 TUNES = ("full", "lora")

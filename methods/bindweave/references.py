@@ -46,15 +46,3 @@ def training_canvas(image: np.ndarray, mask: np.ndarray, height: int, width: int
     rgb = np.where(rgba[..., 3:] > 0, rgba[..., :3], 0).astype(np.float32)
     pixels = torch.from_numpy(rgb).permute(2, 0, 1) / 127.5 - 1
     return pixels, torch.from_numpy((rgba[..., 3] > 127).astype(np.float32))
-
-
-def canvas_picture(canvas: torch.Tensor, scale: float = 1.0) -> np.ndarray:
-    """A canvas back as an (H, W, 3) uint8 picture, optionally resized (the MLLM sees it at half size)."""
-    from PIL import Image
-
-    picture = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    if scale == 1.0:
-        return picture
-    height, width = picture.shape[:2]
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR))

@@ -121,6 +121,14 @@ def load_vlm(model: str, setting: str = "data.captioner") -> VisionLanguageModel
     return VisionLanguageModel(name=name, processor=processor, network=network, device=device)
 
 
+def chat_content(text: str, images: int, text_first: bool = False) -> list[dict]:
+    """One user turn's content for a chat template: an image entry per picture (the template writes a
+    vision span for each, the processor expands it to that picture's patch tokens) and the text, after
+    the pictures (captioning's order) or, `text_first`, before them (BindWeave's MLLM turn)."""
+    pictures, words = [{"type": "image"} for _ in range(images)], [{"type": "text", "text": text}]
+    return words + pictures if text_first else pictures + words
+
+
 def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_tokens: int,
              decoding: Decoding = GREEDY, text_first: bool = False) -> str | None:
     """The model's answer to one message holding `images` (one or more, in order) and the instruction
@@ -131,10 +139,7 @@ def describe(vlm: VisionLanguageModel, images: list, instruction: str, max_new_t
     if vlm.released:
         raise RuntimeError(f"the vision-language model {vlm.name!r} was released; load it again")
     if vlm.chat:
-        # One image entry per image: the template writes a vision span for each, and the processor
-        # expands each span to that image's number of patch tokens.
-        pictures, words = [{"type": "image"} for _ in images], [{"type": "text", "text": instruction}]
-        content = words + pictures if text_first else pictures + words
+        content = chat_content(instruction, len(images), text_first)
         text = vlm.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     else:
         images, text = images[:1], ""  # plain captioners take one image and caption best unprompted

@@ -40,9 +40,10 @@ class MultimodalStates:
 
     def chat_text(self, text: str, count: int) -> str:
         """The chat-templated turn: one user message [prompt, picture 1..count], then the generation prompt."""
-        content = [{"type": "text", "text": text}] + [{"type": "image"} for _ in range(count)]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        from conceptkit.captioning import chat_content
+
+        return self.processor.apply_chat_template([{"role": "user", "content": chat_content(text, count, True)}],
+                                                  add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()
     def states(self, text: str, pictures: list[np.ndarray]) -> torch.Tensor:

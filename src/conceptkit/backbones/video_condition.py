@@ -90,3 +90,15 @@ def letterbox(picture: np.ndarray, height: int, width: int) -> tuple[torch.Tenso
     canvas[:, top:top + h, left:left + w] = image.clamp(-1, 1)
     mask[top:top + h, left:left + w] = 1.0
     return canvas, mask
+
+
+def canvas_picture(canvas: torch.Tensor, scale: float = 1.0) -> np.ndarray:
+    """A canvas back as an (H, W, 3) uint8 picture, optionally resized (BindWeave's MLLM sees it at half size)."""
+    from PIL import Image
+
+    picture = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    if scale == 1.0:
+        return picture
+    height, width = picture.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR))

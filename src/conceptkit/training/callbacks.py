@@ -55,9 +55,8 @@ class ProgressLines(L.Callback):
     terminal (a log file, a batch job): Lightning's bar redraws in place and, off a terminal, shows
     nothing until the stage ends. The loss terms are the training module's latest flushed ones."""
 
-    def __init__(self, stage_name: str, every_s: float = 30.0, stream=None):
+    def __init__(self, stage_name: str, every_s: float = 30.0):
         self.stage_name, self.every_s = stage_name, every_s
-        self.stream = stream
         self._started = self._printed = None
         self._first_step = 0
 
@@ -79,7 +78,7 @@ class ProgressLines(L.Callback):
         left = max(0, total - step) * per_step
         left_text = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
         print(f"{self.stage_name}: step {step}/{total} ({100 * step // max(1, total)} %), {per_step:.2f} s/step, "
-              f"~{left_text} left{losses}", file=self.stream or sys.stdout, flush=True)
+              f"~{left_text} left{losses}", flush=True)
 
 
 def progress_display(enabled: bool, stage_name: str) -> tuple[bool, list]:

@@ -125,9 +125,7 @@ def subject_canvases(scene, first_frame: np.ndarray) -> list[np.ndarray] | None:
     """Each object's reference as BindWeave's MLLM sees it at inference: cut out of the clip's first
     frame (conceptkit.corpus.reference_picture), letterboxed on black at the frame's size, at half size.
     None when an object does not show in the first frame (covered by another)."""
-    from PIL import Image
-
-    from conceptkit.backbones.video_condition import letterbox
+    from conceptkit.backbones.video_condition import canvas_picture, letterbox
     from conceptkit.corpus import reference_picture
     from conceptkit.world.render import object_masks
 
@@ -137,9 +135,7 @@ def subject_canvases(scene, first_frame: np.ndarray) -> list[np.ndarray] | None:
         if not mask.any():
             return None
         canvas, _ = letterbox(reference_picture(first_frame, mask), height, width)
-        picture = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        size = (max(1, round(width * SUBJECT_SCALE)), max(1, round(height * SUBJECT_SCALE)))
-        canvases.append(np.asarray(Image.fromarray(picture).resize(size, Image.BILINEAR)))
+        canvases.append(canvas_picture(canvas, SUBJECT_SCALE))
     return canvases
 
 
@@ -264,11 +260,10 @@ class CaptionerTraining(nn.Module):
 def chat_prompt(processor, instruction: str, count: int, text_first: bool = False) -> str:
     """conceptkit.captioning's message: the pictures, then the instruction, with the generation prompt
     (`text_first`: BindWeave's, conceptkit.mllm's: the text, then the pictures)."""
-    pictures = [{"type": "image"} for _ in range(count)]
-    text = [{"type": "text", "text": instruction}]
-    content = text + pictures if text_first else pictures + text
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    from conceptkit.captioning import chat_content
+
+    return processor.apply_chat_template([{"role": "user", "content": chat_content(instruction, count, text_first)}],
+                                         add_generation_prompt=True, tokenize=False)
 
 
 def encode_requests(processor, requests: list[Request], header: list[int], end: int):
